@@ -1,0 +1,253 @@
+"""Adapters on disk in the PEFT format, and merging.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` with peft's key names
+(``base_model.model.<module>.lora_A.weight``; heads as
+``base_model.model.<head>.weight``), so adapters move between loralab, peft,
+vLLM and the rest unchanged. loralab's own metadata (the model alias the user
+named, the task) goes in a separate ``loralab.json`` that peft ignores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loralab.errors import LoralabError
+from loralab.io import atomic_dir, atomic_write_json
+from loralab.lora.inject import (
+    LoRAConfig,
+    _replace,
+    adapter_layers,
+    find_targets,
+    inject_lora,
+)
+from loralab.lora.layer import LoRALinear, ModulesToSave
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "loralab.json"
+PREFIX = "base_model.model."
+TASK_TYPES = {"classify": "SEQ_CLS", "sft": "CAUSAL_LM"}
+
+
+def _task_of(model: nn.Module, task: str | None) -> str | None:
+    if task:
+        return task
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "classify"
+    if name.endswith("ForCausalLM"):
+        return "sft"
+    return None
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The shortest peft ``target_modules`` list selecting exactly ``names``."""
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    if not names:
+        return []
+    try:
+        if sorted(find_targets(model, suffixes)) == sorted(names):
+            return suffixes
+    except LoralabError:
+        pass
+    return sorted(names)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+    """peft-keyed tensors of one adapter (LoRA A/B and head copies)."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+            state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            state[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for pname, p in module.modules_to_save[adapter_name].state_dict().items():
+                state[f"{PREFIX}{name}.{pname}"] = p
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_path: str | None):
+    entry = model.loralab_adapters[adapter_name]
+    cfg: LoRAConfig = entry["config"]
+    names = entry["targets"]
+    fan_in_fan_out = any(model.get_submodule(n).fan_in_fan_out for n in names)
+    task = _task_of(model, cfg.task)
+    return {
+        "peft_type": "LORA",
+        "task_type": TASK_TYPES.get(task),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _target_modules(model, names),
+        "use_rslora": cfg.use_rslora,
+        "modules_to_save": entry["modules_to_save"] or None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir, *, base_model_name_or_path: str | None = None,
+                 adapter_name: str = "default", metadata: dict | None = None) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to ``out_dir`` (atomically)."""
+    from safetensors.torch import save_file
+
+    if adapter_name not in getattr(model, "loralab_adapters", {}):
+        raise LoralabError(f"the model has no adapter named '{adapter_name}' to save.")
+    base = base_model_name_or_path or getattr(model, "loralab_model_name", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None)
+    config = peft_config_dict(model, adapter_name, base)
+    task = _task_of(model, model.loralab_adapters[adapter_name]["config"].task)
+    meta = {"base_model": base, "task": task}
+    meta.update(metadata or {})
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(adapter_state_dict(model, adapter_name), str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        atomic_write_json(tmp / CONFIG_NAME, config)
+        atomic_write_json(tmp / META_NAME, meta)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """The adapter's peft config, checked: files present, JSON valid, LoRA type."""
+    adapter_dir = Path(adapter_dir)
+    fix = "Fix: point --adapter at a directory saved by `loralab train` or peft's save_pretrained."
+    if not adapter_dir.is_dir():
+        raise LoralabError(f"adapter dir '{adapter_dir}' does not exist.", hint=fix)
+    for fname in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (adapter_dir / fname).is_file():
+            alt = adapter_dir / "adapter"
+            if (alt / CONFIG_NAME).is_file():
+                return read_adapter_config(alt)
+            raise LoralabError(f"adapter dir '{adapter_dir}' has no {fname}.", hint=fix)
+    try:
+        config = json.loads((adapter_dir / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoralabError(f"{adapter_dir / CONFIG_NAME} is not valid JSON ({err}).",
+                           hint=fix) from err
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoralabError(f"adapter in '{adapter_dir}' is {config.get('peft_type')}, not LoRA.",
+                           hint="Fix: loralab loads LoRA adapters only.")
+    config["_dir"] = str(adapter_dir)
+    meta = adapter_dir / META_NAME
+    config["_loralab"] = json.loads(meta.read_text()) if meta.is_file() else {}
+    return config
+
+
+def _read_weights(adapter_dir: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(adapter_dir / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoralabError(
+            f"{adapter_dir / WEIGHTS_NAME} is corrupt or not a safetensors file ({err}).",
+            hint="Fix: save the adapter again.") from err
+
+
+def _config_from_peft(config: dict, task: str | None) -> LoRAConfig:
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = "re:" + targets
+    return LoRAConfig(
+        r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+        dropout=float(config.get("lora_dropout", 0.0)), targets=targets,
+        use_rslora=bool(config.get("use_rslora", False)),
+        modules_to_save=list(config.get("modules_to_save") or []),
+        task=task)
+
+
+def _strip_key(key: str, adapter_name: str) -> str:
+    key = key.removeprefix(PREFIX)
+    # peft writes weights without the adapter name; tolerate ".default." variants.
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def load_adapter(model: nn.Module, adapter_dir, adapter_name: str = "default") -> nn.Module:
+    """Inject an adapter saved by loralab or peft into ``model`` and load its weights."""
+    config = read_adapter_config(adapter_dir)
+    adapter_dir = Path(config["_dir"])
+    weights = {_strip_key(k, adapter_name): v for k, v in _read_weights(adapter_dir).items()}
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
+    heads = [h for h in (config.get("modules_to_save") or [])
+             if any(k.startswith(h + ".") for k in weights)]
+    missing = [n for n in names + heads if not _has_module(model, n)]
+    if missing:
+        raise LoralabError(
+            f"adapter '{adapter_dir}' does not fit this model: it has no module '{missing[0]}'.",
+            hint="Fix: load the adapter onto the base model it was trained on "
+            f"({config.get('base_model_name_or_path')}).")
+    cfg = _config_from_peft(config, config["_loralab"].get("task"))
+    cfg.modules_to_save = heads
+    inject_lora(model, cfg, adapter_name, target_names=names)
+    _load_tensors(model, weights, names, heads, adapter_name)
+    model.loralab_adapters[adapter_name]["dir"] = str(adapter_dir)
+    return model
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _load_tensors(model, weights: dict, names: list[str], heads: list[str], adapter_name: str):
+    params = {}
+    for n in names:
+        layer = model.get_submodule(n)
+        params[f"{n}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        params[f"{n}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    for h in heads:
+        for pname, p in model.get_submodule(h).modules_to_save[adapter_name].state_dict(
+                keep_vars=True).items():
+            params[f"{h}.{pname}"] = p
+    for key, target in params.items():
+        if key not in weights:
+            raise LoralabError(f"adapter weights lack '{key}'.",
+                               hint="Fix: the adapter file is incomplete; save it again.")
+        tensor = weights[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            module = key.rsplit(".", 1)[0]
+            raise LoralabError(
+                f"adapter does not fit this base: module '{module}' has shape "
+                f"{tuple(tensor.shape)} in the adapter but {tuple(target.shape)} in the model.",
+                hint="Fix: load it onto the base model (and label count) it was trained with.")
+        with torch.no_grad():
+            target.data.copy_(tensor.to(target.dtype))
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into the base weights and return a plain
+    transformers model with no LoRA modules left. A QLoRA base is dequantized
+    and the adapter merged into those float weights (what it was trained on)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            _replace(model, name, module.unload(merge=True))
+        elif isinstance(module, ModulesToSave):
+            _replace(model, name, module._module(module.active_adapter))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.__dict__.pop("loralab_adapters", None)
+    if getattr(model, "loralab_quantized", False):
+        model.loralab_quantized = False
+    return model
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return bool(adapter_layers(model))

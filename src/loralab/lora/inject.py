@@ -1,0 +1,265 @@
+"""Target matching, per-architecture presets, injection and freezing.
+
+One walk over ``named_modules`` with a small table of per-architecture names
+(dispatch, don't subclass); an unknown architecture still works with
+``all-linear`` or explicit names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from loralab.errors import LoralabError
+from loralab.lora.layer import LoRALinear, ModulesToSave, base_shape
+
+# Attention projections per architecture (model_type -> module-name suffixes).
+ATTENTION = {
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "phi3": ["qkv_proj", "o_proj"],
+}
+PRESETS = ("attention", "all-linear")
+# Output layers never get LoRA under all-linear (peft excludes the output layer too).
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+# Trainable and saved with the adapter for sequence classification (peft's SEQ_CLS default).
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    # alpha = 2r: the common default (e.g. Raschka's rank sweeps); scaling = alpha / r = 2.
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | list[str] = "attention"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None  # None: the head for seq-cls models
+    task: str | None = None  # "classify" | "sft" | None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoralabError(f"rank must be a positive integer, got {self.r!r}.",
+                               hint="Fix: pass --rank 8 (or 1, 2, 4, 16, ...).")
+        if not self.alpha or self.alpha <= 0:
+            raise LoralabError(f"alpha must be > 0, got {self.alpha!r}.",
+                               hint="Fix: pass --alpha 16 (alpha = 2 x rank is a good default).")
+        if not 0 <= self.dropout < 1:
+            raise LoralabError(f"dropout must be in [0, 1), got {self.dropout!r}.",
+                               hint="Fix: pass --dropout 0.05 (or 0 to disable).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_linear(m) and ".lora_" not in n
+            and ".modules_to_save." not in n]
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _is_head(name: str, extra: tuple[str, ...] = ()) -> bool:
+    parts = name.split(".")
+    return any(p in OUTPUT_HEADS + extra for p in parts[:1] + parts[-1:]) or any(
+        name == h or name.startswith(h + ".") for h in OUTPUT_HEADS + extra)
+
+
+def parse_targets(targets) -> str | list[str]:
+    """Normalize CLI/config input: preset name, "re:<regex>", or a list of suffixes."""
+    if isinstance(targets, str):
+        if targets in PRESETS or targets.startswith("re:"):
+            return targets
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return list(targets)
+
+
+def find_targets(model: nn.Module, targets, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Names of the linear modules that ``targets`` selects in ``model``."""
+    targets = parse_targets(targets)
+    names = linear_names(model)
+    if targets == "all-linear":
+        found = [n for n in names if not _is_head(n, exclude)]
+    elif targets == "attention":
+        mtype = _model_type(model)
+        if mtype not in ATTENTION:
+            raise LoralabError(
+                f"no 'attention' preset for architecture '{mtype or type(model).__name__}'.",
+                hint="Fix: use --targets all-linear, or name modules: "
+                + _names_hint(names))
+        found = [n for n in names if any(_suffix_match(n, s) for s in ATTENTION[mtype])]
+    elif isinstance(targets, str) and targets.startswith("re:"):
+        try:
+            pattern = re.compile(targets[3:])
+        except re.error as err:
+            raise LoralabError(f"bad target regex {targets[3:]!r}: {err}.",
+                               hint="Fix: give a valid Python regex after 're:'.") from err
+        found = [n for n in names if pattern.fullmatch(n)]
+    else:
+        found = [n for n in names if any(_suffix_match(n, s) for s in targets)]
+    if not found:
+        raise LoralabError(f"targets {targets!r} match no linear layer of this model.",
+                           hint="Fix: use --targets attention|all-linear or one of: "
+                           + _names_hint(names))
+    return found
+
+
+def _names_hint(names: list[str]) -> str:
+    short = sorted({n.split(".")[-1] for n in names})
+    return ", ".join(short) + " (run `loralab targets --model M` for the full list)"
+
+
+def default_modules_to_save(model: nn.Module, task: str | None) -> list[str]:
+    is_seq_cls = task == "classify" or type(model).__name__.endswith("ForSequenceClassification")
+    if not is_seq_cls:
+        return []
+    return [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default",
+                target_names: list[str] | None = None) -> nn.Module:
+    """Wrap the target layers with LoRA adapter ``adapter_name`` and freeze all
+    else but the LoRA weights and ``modules_to_save`` copies. In place.
+
+    ``target_names`` (exact module names) overrides ``cfg.targets``; an empty
+    list adds no LoRA layer (head-only training).
+    """
+    mts = cfg.modules_to_save
+    if mts is None:
+        mts = default_modules_to_save(model, cfg.task)
+    if target_names is None:
+        target_names = find_targets(model, cfg.targets, exclude=tuple(mts))
+    for name in target_names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module)
+            _replace(model, name, module)
+        module.add_adapter(adapter_name, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    for name in mts:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _replace(model, name, module)
+        module.add_adapter(adapter_name)
+    registry = model.__dict__.setdefault("loralab_adapters", {})
+    registry[adapter_name] = {"config": cfg, "targets": list(target_names),
+                              "modules_to_save": list(mts)}
+    freeze_for_adapter(model, adapter_name)
+    set_active_adapter(model, adapter_name)
+    return model
+
+
+def freeze_for_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Only ``adapter_name``'s LoRA weights and head copies stay trainable."""
+    for pname, param in model.named_parameters():
+        parts = pname.split(".")
+        trainable = (("lora_A" in parts or "lora_B" in parts or "modules_to_save" in parts)
+                     and adapter_name in parts)
+        param.requires_grad_(trainable)
+
+
+def adapter_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSave))]
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the adapter every layer uses (None or "base": no adapter)."""
+    if name == "base":
+        name = None
+    if name is not None and name not in getattr(model, "loralab_adapters", {}):
+        raise LoralabError(f"no adapter named '{name}' on this model.",
+                           hint="Fix: load it first, or use one of: "
+                           + ", ".join(getattr(model, "loralab_adapters", {})))
+    for layer in adapter_layers(model):
+        layer.active_adapter = name
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    registry = getattr(model, "loralab_adapters", {})
+    if name not in registry:
+        raise LoralabError(f"no adapter named '{name}' on this model.",
+                           hint="Fix: use one of: " + ", ".join(registry))
+    for layer in adapter_layers(model):
+        table = layer.lora_A if isinstance(layer, LoRALinear) else layer.modules_to_save
+        if name in table:
+            layer.delete_adapter(name)
+    del registry[name]
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Run the base model: every adapter is bypassed (merged ones are unmerged)."""
+    layers = adapter_layers(model)
+    merged = {id(m): m.merged_adapter for m in layers if isinstance(m, LoRALinear)}
+    for layer in layers:
+        if isinstance(layer, LoRALinear):
+            layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            if isinstance(layer, LoRALinear) and merged.get(id(layer)):
+                layer.merge(merged[id(layer)])
+
+
+@contextlib.contextmanager
+def adapter_routing(model: nn.Module, names: list[str | None]):
+    """Each batch row uses its own adapter (None: the base) for this block.
+
+    Lets one forward pass serve requests for different adapters together.
+    """
+    names = [None if n == "base" else n for n in names]
+    layers = adapter_layers(model)
+    for layer in layers:
+        layer.routing = names
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+def lora_shapes(model: nn.Module, names: list[str]) -> list[tuple[str, int, int]]:
+    """``(name, d_in, d_out)`` of each named linear layer."""
+    out = []
+    for n in names:
+        module = model.get_submodule(n)
+        base = module.base_layer if isinstance(module, LoRALinear) else module
+        d_in, d_out = base_shape(base)
+        out.append((n, d_in, d_out))
+    return out

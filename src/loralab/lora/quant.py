@@ -1,0 +1,89 @@
+"""QLoRA base layers: bitsandbytes NF4 with double quantization.
+
+NF4 (4-bit NormalFloat) with blocksize 64 and double quantization of the
+absmax constants (8-bit, second-level blocksize 256) costs 4 + 0.127 bits per
+parameter (Dettmers et al., 2023, QLoRA §3). Norms, embeddings and the output
+head stay in full precision; LoRA adapters sit on top in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NF4_BLOCKSIZE = 64  # QLoRA §3: blocksize 64 for the weights
+# bitsandbytes' second-level (double quant) blocksize is fixed at 256.
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The float (out, in) weight a bnb Linear4bit computes with."""
+    import bitsandbytes.functional as F
+
+    weight = module.weight
+    state = weight.quant_state
+    data = weight.data
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return F.dequantize_4bit(data, state)
+
+
+def quantize_linear(linear: nn.Module, compute_dtype=torch.float32) -> nn.Module:
+    """An NF4 + double-quant ``Linear4bit`` holding ``linear``'s weights."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight.data
+    if type(linear).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+        weight = weight.T
+    out_features, in_features = weight.shape
+    device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+    q = bnb.nn.Linear4bit(
+        in_features, out_features, bias=linear.bias is not None,
+        compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+        device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        weight.contiguous().to(compute_dtype), requires_grad=False, blocksize=NF4_BLOCKSIZE,
+        compress_statistics=True, quant_type="nf4", module=q,
+    ).to(device)  # moving to a device quantizes
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return q
+
+
+def quantize_model_4bit(model: nn.Module, compute_dtype=torch.float32,
+                        skip: tuple[str, ...] = ("lm_head", "classifier", "score")) -> int:
+    """Replace every linear layer except those named in ``skip`` by NF4 layers,
+    in place. Returns how many layers were quantized."""
+    from loralab.lora.inject import is_linear
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not is_linear(module) or is_4bit(module):
+            continue
+        if any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantize_linear(module, compute_dtype))
+        count += 1
+    model.loralab_quantized = True
+    return count
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes a Linear4bit really holds: packed weights plus quantization constants."""
+    weight = module.weight
+    total = weight.data.numel() * weight.data.element_size()
+    state = weight.quant_state
+    tensors = [state.absmax, state.code]
+    if state.nested and state.state2 is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    if getattr(state, "offset", None) is not None:
+        tensors.append(state.offset)
+    return total + sum(t.numel() * t.element_size() for t in tensors if t is not None)
