@@ -25,6 +25,7 @@ from loralab.lora.inject import (
     inject_lora,
 )
 from loralab.lora.layer import LoRALinear, ModulesToSave
+from loralab.lora.quant import dequantize_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -244,8 +245,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     model.__dict__.pop("loralab_adapters", None)
-    if getattr(model, "loralab_quantized", False):
-        model.loralab_quantized = False
+    dequantize_model(model)  # base layers the adapter did not touch
     return model
 
 

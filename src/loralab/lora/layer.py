@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from loralab.lora.quant import dequantize_weight, is_4bit
+from loralab.lora.quant import dequantize_linear, is_4bit
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
@@ -174,18 +174,10 @@ class LoRALinear(nn.Module):
         A QLoRA adapter was trained against the dequantized weights, so that is
         what it must be merged into; re-quantizing the sum would add new error.
         """
-        base = self.base_layer
-        weight = dequantize_weight(base)  # (out, in) float
-        dtype = getattr(base, "compute_dtype", None) or torch.float32
+        linear = dequantize_linear(self.base_layer)
         if name is not None:
-            weight = merge_weight(weight.float(), self.lora_A[name].weight,
-                                  self.lora_B[name].weight, self.scaling[name])
-        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                           device=weight.device, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight.to(dtype))
-            if base.bias is not None:
-                linear.bias.copy_(base.bias.to(dtype))
+            linear.weight.data = merge_weight(linear.weight.data, self.lora_A[name].weight,
+                                              self.lora_B[name].weight, self.scaling[name])
         return linear
 
     def unload(self, merge: bool = True) -> nn.Module:

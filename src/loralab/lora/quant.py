@@ -76,6 +76,32 @@ def quantize_model_4bit(model: nn.Module, compute_dtype=torch.float32,
     return count
 
 
+def dequantize_linear(module: nn.Module) -> nn.Linear:
+    """A float nn.Linear with a Linear4bit's dequantized weights."""
+    weight = dequantize_weight(module)  # (out, in)
+    dtype = getattr(module, "compute_dtype", None) or torch.float32
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
+                       device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(dtype))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.to(dtype))
+    return linear
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every Linear4bit by its float equivalent, in place."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if is_4bit(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, dequantize_linear(module))
+            count += 1
+    model.loralab_quantized = False
+    return count
+
+
 def quantized_bytes(module: nn.Module) -> int:
     """Bytes a Linear4bit really holds: packed weights plus quantization constants."""
     weight = module.weight
