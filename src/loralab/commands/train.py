@@ -1,0 +1,77 @@
+"""`loralab train`: fine-tune a model by full fine-tuning, LoRA, QLoRA or head-only."""
+
+from __future__ import annotations
+
+import click
+
+OPTIONS = [
+    ("--model", str, "Model: alias (minilm, smollm2-135m), local HF dir or hub id."),
+    ("--data", str, "Training data file, or a built-in set: tickets, instructions."),
+    ("--task", click.Choice(["classify", "sft"]), "Task (default: from the data)."),
+    ("--method", click.Choice(["full", "lora", "qlora", "head"]), "Fine-tuning method."),
+    ("--output", str, "Run directory (default: runs/<model>-<task>-<method>-<time>)."),
+    ("--eval-data", str, "Eval file (default: 10% of --data)."),
+    ("--test-data", str, "Test file (default: 10% of --data)."),
+    ("--text-column", str, "Text column name or 0-based index (classify)."),
+    ("--label-column", str, "Label column name or 0-based index (classify)."),
+    ("--rank", int, "LoRA rank r."),
+    ("--alpha", float, "LoRA alpha (default 2 x rank)."),
+    ("--targets", str, "LoRA targets: attention, all-linear, a,b,c or re:REGEX."),
+    ("--dropout", float, "LoRA dropout."),
+    ("--epochs", float, "Epochs."),
+    ("--max-steps", int, "Optimizer steps (overrides --epochs)."),
+    ("--batch-size", int, "Examples per micro-batch (per process)."),
+    ("--grad-accum", int, "Micro-batches per optimizer step."),
+    ("--lr", float, "Peak learning rate (default per method)."),
+    ("--weight-decay", float, "AdamW weight decay."),
+    ("--warmup-ratio", float, "Fraction of steps of linear warmup."),
+    ("--scheduler", click.Choice(["linear", "cosine", "constant"]), "Decay after warmup."),
+    ("--max-length", int, "Max tokens per example (longer rows are truncated)."),
+    ("--eval-every", int, "Evaluate every N steps (default: each epoch)."),
+    ("--metric", str, "Metric that picks the best checkpoint (f1, accuracy, loss...)."),
+    ("--seed", int, "Random seed."),
+    ("--general-text", str, "Plain-text file for forgetting (sft): perplexity before/after."),
+    ("--mixed-precision", click.Choice(["auto", "no", "bf16", "fp16"]), "Autocast dtype."),
+]
+
+
+def _add_options(func):
+    for flag, typ, help_text in reversed(OPTIONS):
+        func = click.option(flag, type=typ, default=None, help=help_text)(func)
+    return func
+
+
+@click.command("train", context_settings={"show_default": False})
+@click.argument("args", nargs=-1)
+@_add_options
+@click.option("--gradient-checkpointing", is_flag=True, default=None,
+              help="Recompute activations in backward to save memory.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the interrupted run in DIR from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run dir.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json when done.")
+def cmd(args, resume, as_json, **options):
+    """Fine-tune MODEL on DATA. ARGS: an optional config.yaml, then key=value
+    overrides (e.g. `loralab train cfg.yaml rank=16 lr=1e-4`). With no
+    arguments: minilm + LoRA on the built-in support tickets."""
+    from loralab.config import build_config
+    from loralab.train import run_training
+    from loralab.train.summary import print_summary
+
+    yaml_path, overrides = _split_args(args)
+    given = {k: v for k, v in options.items() if v is not None}
+    cfg = build_config(yaml_path, overrides, given)
+    run_dir = run_training(cfg, resume=resume)
+    print_summary(run_dir, as_json=as_json)
+
+
+def _split_args(args: tuple[str, ...]):
+    from loralab.errors import LoralabError
+
+    if args and "=" not in args[0]:
+        if not args[0].endswith((".yaml", ".yml")):
+            raise LoralabError(f"unexpected argument {args[0]!r}: give a .yaml config file "
+                               "first, then key=value overrides.")
+        return args[0], list(args[1:])
+    return None, list(args)

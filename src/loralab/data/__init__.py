@@ -1,0 +1,1 @@
+"""Data for training: tables, instruction records, prompts, tokenization and batching."""

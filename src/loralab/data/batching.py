@@ -1,0 +1,82 @@
+"""Seeded batch plans with length grouping, and collators with dynamic padding.
+
+A plan is a pure function of (lengths, batch size, seed, epoch): every rank of
+a distributed run computes the same global batches and takes its own slice,
+and a resumed run recomputes the exact batches it had not yet seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loralab.data.encode import IGNORE, Encoded
+
+# Group-by-length pools ~50 batches (as HF's LengthGroupedSampler does): big
+# enough that neighbours have similar lengths, small enough to stay random.
+MEGABATCH = 50
+
+
+def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                 group_by_length: bool = True, shuffle: bool = True) -> list[list[int]]:
+    """Index lists, one per (global) batch."""
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: -lengths[i]) if group_by_length else list(range(n))
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    gen = torch.Generator().manual_seed(seed * 1009 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    pool = batch_size * MEGABATCH
+    batches = []
+    for start in range(0, n, pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    # shuffle batch order so the loss curve does not follow length
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous share of a global batch (sizes differ by <= 1)."""
+    size, extra = divmod(len(batch), world)
+    start = rank * size + min(rank, extra)
+    return batch[start:start + size + (1 if rank < extra else 0)]
+
+
+def plan_steps(batches: list[list[int]], grad_accum: int) -> list[list[list[int]]]:
+    """Group micro-batches into optimizer steps (the last step may be shorter)."""
+    return [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+
+
+def _pad(rows: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    width = -(-width // multiple) * multiple
+    out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def collate(enc: Encoded, idx: list[int], pad_id: int, multiple: int = 1) -> dict:
+    """Right-padded tensors for rows ``idx`` of ``enc``; padded to the batch's longest."""
+    rows = [enc.input_ids[i] for i in idx]
+    input_ids = _pad(rows, pad_id, multiple)  # (B, T)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        mask[i, : len(r)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    first = enc.labels[idx[0]] if idx else None
+    if isinstance(first, list):
+        batch["labels"] = _pad([enc.labels[i] for i in idx], IGNORE, multiple)  # (B, T)
+    elif first is not None:
+        batch["labels"] = torch.tensor([enc.labels[i] for i in idx], dtype=torch.long)  # (B,)
+    return batch
+
+
+def count_targets(enc: Encoded, idx: list[int]) -> int:
+    """Loss terms in rows ``idx``: examples (classify) or predicted tokens (LM)."""
+    if idx and isinstance(enc.labels[idx[0]], list):
+        # causal LM: position t predicts token t+1, so the first label never counts
+        return sum(sum(1 for x in enc.labels[i][1:] if x != IGNORE) for i in idx)
+    return len(idx)

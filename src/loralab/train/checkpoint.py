@@ -1,0 +1,74 @@
+"""Resumable checkpoints: trainable weights, optimizer, schedule, RNG, progress.
+
+Each checkpoint is written with ``atomic_dir``, so a SIGKILL at any moment
+leaves the previous checkpoint whole. Only trainable tensors are stored
+(a LoRA checkpoint is the adapter, not the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loralab.io import atomic_dir
+
+STATE = "trainer_state.json"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint holds unknown parameters: {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(target: Path, model: torch.nn.Module) -> None:
+    with atomic_dir(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+
+
+def load_weights(source: Path, model: torch.nn.Module) -> None:
+    load_trainable_state(model, load_file(str(source / "trainable.safetensors")))
+
+
+def save_checkpoint(target: Path, model, optimizer, scheduler, progress: dict) -> None:
+    with atomic_dir(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state()}, tmp / "optimizer.pt")
+        (tmp / STATE).write_text(json.dumps(progress, indent=1))
+
+
+def load_checkpoint(source: Path, model, optimizer, scheduler) -> dict:
+    load_weights(source, model)
+    blob = torch.load(source / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return json.loads((source / STATE).read_text())

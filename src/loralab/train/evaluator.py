@@ -1,0 +1,60 @@
+"""Evaluation: no gradients, batches sorted by length, results gathered across ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loralab.data.batching import collate, plan_batches
+from loralab.data.encode import IGNORE, Encoded
+from loralab.train.metrics import classification_metrics, lm_metrics
+
+
+class Evaluator:
+    def __init__(self, model, accelerator, pad_id: int, batch_size: int,
+                 label_names: list[str] | None = None):
+        self.model, self.acc, self.pad_id = model, accelerator, pad_id
+        self.batch_size, self.labels = batch_size, label_names
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.multiple = 8 if accelerator.device.type == "cuda" else 1
+
+    @torch.inference_mode()
+    def evaluate(self, enc: Encoded) -> dict:
+        """Metrics on ``enc`` (classification scores, or LM loss and perplexity)."""
+        from accelerate.utils import gather_object
+
+        was_training = self.model.training
+        self.model.eval()
+        # longest first, so padding inside a batch is minimal
+        batches = plan_batches(enc.lengths, self.batch_size, 0, 0, shuffle=False)
+        rows = []
+        for idx in batches[self.rank::self.world]:
+            batch = collate(enc, idx, self.pad_id, self.multiple)
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            with self.acc.autocast():
+                rows.extend(self._batch(batch, idx))
+        rows = gather_object(rows) if self.world > 1 else rows
+        self.model.train(was_training)
+        return self._metrics(rows, enc)
+
+    def _batch(self, batch: dict, idx: list[int]) -> list[tuple]:
+        logits = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        if labels.ndim == 1:  # logits (B, C) -> (index, predicted id, loss) per row
+            losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+            return list(zip(idx, logits.argmax(-1).tolist(), losses.tolist()))
+        # causal LM: logits (B, T, V); position t predicts token t+1
+        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                     ignore_index=IGNORE, reduction="none")  # (B, T-1)
+        counts = (labels[:, 1:] != IGNORE).sum(-1)  # (B,)
+        return list(zip(idx, token_loss.sum(-1).tolist(), counts.tolist()))
+
+    def _metrics(self, rows: list[tuple], enc: Encoded) -> dict:
+        rows = sorted({r[0]: r for r in rows}.values(), key=lambda r: r[0])
+        if self.labels is not None:
+            y_true = [enc.labels[i] for i, _, _ in rows]
+            y_pred = [p for _, p, _ in rows]
+            loss = sum(x for _, _, x in rows) / max(len(rows), 1)
+            return classification_metrics(y_true, y_pred, self.labels, loss=loss)
+        return lm_metrics(sum(s for _, s, _ in rows), int(sum(c for _, _, c in rows)))

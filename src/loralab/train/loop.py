@@ -1,0 +1,253 @@
+"""The training loop on top of accelerate.
+
+The same code runs in one process or under ``accelerate launch``/``torchrun``:
+every rank computes the same seeded batch plan and takes its own slice of each
+global batch; the loss of an optimizer step is the sum over all its examples
+(classify) or response tokens (sft) divided by their global count, so gradient
+accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from loralab.data.batching import collate, count_targets, plan_batches, plan_steps, shard
+from loralab.data.encode import IGNORE, Encoded
+from loralab.train import checkpoint as ckpt
+from loralab.train.evaluator import Evaluator
+from loralab.train.memory import gradient_bytes, optimizer_bytes
+from loralab.train.optim import make_optimizer, make_scheduler, trainable_parameters
+from loralab.train.progress import Reporter, truncate_log
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch being trained
+    step_in_epoch: int = 0  # optimizer steps done inside ``epoch``
+    train_tokens: int = 0  # real (unpadded) tokens seen, all ranks
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    loss_curve: list = field(default_factory=list)  # [[step, loss], ...]
+    evals: list = field(default_factory=list)  # [[step, {metric: value}], ...]
+    best_metric: float | None = None
+    best_step: int | None = None
+    gradients_bytes: int = 0
+    optimizer_bytes: int = 0
+
+
+class Loop:
+    """Owns the optimizer, schedule and checkpoints of one run."""
+
+    def __init__(self, model, cfg, train: Encoded, eval_set: Encoded | None, pad_id: int,
+                 accelerator, run_dir: Path | None, label_names: list[str] | None = None):
+        self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+        self.train_set, self.eval_set, self.pad_id = train, eval_set, pad_id
+        self.labels = label_names
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        global_batch = cfg.batch_size * self.world
+        micro_per_epoch = math.ceil(len(train) / global_batch)
+        self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.warmup = int(cfg.warmup_ratio * self.total_steps)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = make_scheduler(self.optimizer, cfg.scheduler, self.warmup,
+                                        self.total_steps)
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.state = LoopState()
+        self.multiple = 8 if accelerator.device.type == "cuda" else 1  # tensor-core tiles
+        self.evaluator = Evaluator(self.model, accelerator, pad_id, cfg.eval_batch_size,
+                                   label_names)
+
+    # ---- paths --------------------------------------------------------
+    def _path(self, name: str) -> Path | None:
+        return self.run_dir / name if self.run_dir is not None else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    # ---- loss ---------------------------------------------------------
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed cross-entropy of the batch (not averaged)."""
+        logits = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        if labels.ndim == 1:  # classify: logits (B, C)
+            return F.cross_entropy(logits.float(), labels, reduction="sum")
+        # causal LM: logits (B, T, V); position t predicts token t+1
+        shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+        shift_labels = labels[:, 1:]  # (B, T-1)
+        return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                               shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---- one optimizer step ---------------------------------------------
+    def train_step(self, micro: list[list[int]]) -> tuple[float, int]:
+        """Forward/backward over the step's micro-batches; returns (loss, tokens)."""
+        enc = self.train_set
+        n_global = sum(count_targets(enc, idx) for idx in micro)  # same on every rank
+        loss_total = torch.zeros((), device=self.acc.device)
+        tokens = 0
+        for j, idx in enumerate(micro):
+            local = shard(idx, self.rank, self.world)
+            tokens += sum(len(enc.input_ids[i]) for i in local)
+            if not local:
+                continue
+            batch = self._to_device(collate(enc, local, self.pad_id, self.multiple))
+            sync = j == len(micro) - 1 or self.world == 1
+            ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+            with ctx, self.acc.autocast():
+                loss_sum = self.loss_sum(batch)
+                # DDP averages gradients over ranks, so scale by world size
+                self.acc.backward(loss_sum * (self.world / max(n_global, 1)))
+            loss_total += loss_sum.detach()
+        if self.cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.state.gradients_bytes == 0:
+            self.state.gradients_bytes = gradient_bytes(self.model)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.optimizer_bytes == 0:
+            self.state.optimizer_bytes = optimizer_bytes(self.optimizer)
+        loss_total = self.acc.reduce(loss_total, reduction="sum") if self.world > 1 else loss_total
+        tokens = self._reduce_int(tokens)
+        return loss_total.item() / max(n_global, 1), tokens
+
+    def _reduce_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor(value, device=self.acc.device)
+        return int(self.acc.reduce(t, reduction="sum").item())
+
+    def evaluate(self, enc: Encoded) -> dict:
+        return self.evaluator.evaluate(enc)
+
+    # ---- the run ---------------------------------------------------------
+    def fit(self, resume_from: Path | None = None) -> LoopState:
+        if resume_from is not None:
+            self._resume(resume_from)
+        reporter = Reporter(self._path("log.jsonl") if self.is_main else None, self.total_steps,
+                            enabled=self.is_main and not self.cfg.quiet,
+                            start_step=self.state.step)
+        try:
+            self._train(reporter)
+        finally:
+            reporter.close()
+        return self.state
+
+    def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        global_batch = self.cfg.batch_size * self.world
+        batches = plan_batches(self.train_set.lengths, global_batch, self.cfg.seed, epoch,
+                               self.cfg.group_by_length)
+        return plan_steps(batches, self.cfg.grad_accum)
+
+    def _train(self, reporter: Reporter) -> None:
+        s, cfg = self.state, self.cfg
+        t0 = time.perf_counter() - s.train_seconds
+        window = _Window()
+        self.model.train()
+        while s.step < self.total_steps:
+            steps = self._epoch_plan(s.epoch)
+            for i in range(s.step_in_epoch, len(steps)):
+                loss, tokens = self.train_step(steps[i])
+                s.step, s.step_in_epoch = s.step + 1, i + 1
+                s.train_tokens += tokens
+                window.add(loss, tokens)
+                if s.step_in_epoch == len(steps):
+                    s.epoch, s.step_in_epoch = s.epoch + 1, 0
+                s.train_seconds = time.perf_counter() - t0
+                record = None
+                if s.step % cfg.log_every == 0 or s.step in (1, self.total_steps):
+                    record = self._log_record(window, t0)
+                reporter.step(s.step, record)
+                if self._eval_due(s.step_in_epoch == 0):
+                    self._eval_point(reporter)
+                    s.train_seconds = time.perf_counter() - t0
+                    self._save_checkpoint()
+                if s.step >= self.total_steps:
+                    break
+
+    def _log_record(self, window: _Window, t0: float) -> dict:
+        s = self.state
+        loss, tps = window.flush()
+        s.loss_curve.append([s.step, loss])
+        return {"step": s.step, "epoch": round(s.step / self.steps_per_epoch, 4), "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0], "tokens_per_second": tps,
+                "elapsed": round(time.perf_counter() - t0, 3)}
+
+    def _eval_due(self, epoch_end: bool) -> bool:
+        step = self.state.step
+        if step >= self.total_steps:
+            return True
+        if self.cfg.eval_every:
+            return step % self.cfg.eval_every == 0
+        return epoch_end
+
+    def _eval_point(self, reporter: Reporter) -> None:
+        s = self.state
+        if self.eval_set is None or len(self.eval_set) == 0:
+            return
+        t = time.perf_counter()
+        metrics = self.evaluate(self.eval_set)
+        s.eval_seconds += time.perf_counter() - t
+        short = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        s.evals.append([s.step, short])
+        reporter.eval(s.step, metrics, round(s.step / self.steps_per_epoch, 4))
+        value = float(metrics[self.cfg.metric])
+        better = s.best_metric is None or (
+            value > s.best_metric if self.cfg.metric_higher_is_better else value < s.best_metric)
+        if better:
+            s.best_metric, s.best_step = value, s.step
+            if self.is_main and self.run_dir is not None:
+                ckpt.save_weights(self.run_dir / "best", self.acc.unwrap_model(self.model))
+        self.acc.wait_for_everyone()
+
+    def _save_checkpoint(self) -> None:
+        if self.cfg.save_checkpoints and self.run_dir is not None and self.is_main:
+            ckpt.save_checkpoint(self.run_dir / "checkpoint", self.acc.unwrap_model(self.model),
+                                 self.optimizer, self.scheduler, asdict(self.state))
+        self.acc.wait_for_everyone()
+
+    def _resume(self, run_dir: Path) -> None:
+        saved = ckpt.load_checkpoint(run_dir / "checkpoint", self.acc.unwrap_model(self.model),
+                                     self.optimizer, self.scheduler)
+        self.state = LoopState(**saved)
+        if self.is_main:
+            truncate_log(run_dir / "log.jsonl", self.state.step)
+
+    def restore_best(self) -> bool:
+        """Load the best evaluated weights if they are not the current ones."""
+        s = self.state
+        best = self.run_dir / "best" if self.run_dir is not None else None
+        if best is None or s.best_step is None or s.best_step == s.step or not best.exists():
+            return False
+        ckpt.load_weights(best, self.acc.unwrap_model(self.model))
+        return True
+
+
+class _Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.t = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+
+    def flush(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        out = (self.loss / max(self.steps, 1), self.tokens / max(now - self.t, 1e-9))
+        self.loss, self.steps, self.tokens, self.t = 0.0, 0, 0, now
+        return out

@@ -1,0 +1,207 @@
+"""``run_training``: config -> data -> model -> loop -> run directory.
+
+Everything that can be wrong with the input is checked before the run
+directory is created; artifacts (adapter/, model/, metrics.json) are written
+atomically by the main process only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from loralab.config import TrainConfig, config_from_dict
+from loralab.data.dataset import encode_splits, prepare_data, resolve_data_path
+from loralab.data.encode import Encoded, encode_text_blocks
+from loralab.data.tables import read_text_file
+from loralab.errors import LoralabError
+from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
+from loralab.train import rundir
+from loralab.train.loop import Loop
+from loralab.train.memory import peak_process_memory, reset_peak, tensor_account
+from loralab.train.methods import load_for_method
+
+
+def note(text: str) -> None:
+    """One line to stderr (warnings and notices; never the progress bar)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        # bf16 autocast only where the GPU has bf16 units; fp32 on CPU, where bf16
+        # matmuls without AMX run many times slower than fp32
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if mp == "fp16" and not cuda:
+        raise LoralabError("mixed_precision=fp16 needs a CUDA GPU. Use mixed_precision=no on CPU.")
+    return Accelerator(cpu=not cuda, mixed_precision=mp)
+
+
+def _resume_config(run_dir: Path, quiet: bool) -> TrainConfig:
+    saved = rundir.saved_config(run_dir)
+    if saved is None:
+        raise LoralabError(f"{run_dir} holds no loralab run (no config.yaml). "
+                           "Give the run directory of an interrupted `loralab train`.")
+    if (run_dir / "metrics.json").exists():
+        raise LoralabError(f"the run in {run_dir} already finished (metrics.json exists). "
+                           "Nothing to resume.")
+    if not (run_dir / "checkpoint" / "trainer_state.json").exists():
+        raise LoralabError(f"the run in {run_dir} stopped before its first checkpoint. "
+                           "Start it again with the same options and --overwrite.")
+    cfg = config_from_dict(saved)
+    cfg.output, cfg.quiet = str(run_dir), quiet or cfg.quiet
+    return cfg
+
+
+def _general_text(cfg: TrainConfig, tokenizer) -> Encoded | None:
+    if cfg.task != "sft" or not cfg.general_text:
+        return None
+    text = read_text_file(resolve_data_path(cfg.general_text))
+    enc = encode_text_blocks(tokenizer, text, cfg.max_length)
+    keep = max(1, cfg.general_text_tokens // cfg.max_length)
+    return Encoded(enc.input_ids[:keep], enc.labels[:keep])
+
+
+def _start_dir(run_dir: Path, cfg: TrainConfig, prep, notes: list[str]) -> None:
+    if cfg.overwrite:
+        rundir.clear(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if prep.label_map is not None:
+        atomic_write_json(run_dir / "labels.json", prep.label_map.to_json())
+    lines = [json.dumps({"step": 0, "message": text}) + "\n" for text in notes]
+    (run_dir / "log.jsonl").write_text("".join(lines), encoding="utf-8")
+
+
+def _data_notes(cfg: TrainConfig, prep, splits) -> list[str]:
+    notes = list(prep.warnings)
+    if splits.truncated:
+        notes.append(f"{splits.truncated} rows longer than max_length={cfg.max_length} tokens "
+                     "were truncated (raise --max-length to keep them whole).")
+    if splits.dropped:
+        notes.append(f"{splits.dropped} sft records had no response token left after truncation "
+                     "and were skipped.")
+    return notes
+
+
+def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
+    """Train as ``cfg`` says (or continue the interrupted run in ``resume``);
+    returns the run directory."""
+    from accelerate.utils import set_seed
+
+    if resume is not None:
+        cfg = _resume_config(Path(resume), cfg.quiet)
+    cfg.resolve()
+    prep = prepare_data(cfg)
+    acc = make_accelerator(cfg)
+    run_dir = Path(cfg.output) if cfg.output else rundir.default_output(cfg)
+    cfg.output = str(run_dir)
+    if resume is None:
+        rundir.check_output(run_dir, cfg)
+    acc.wait_for_everyone()
+    reset_peak(acc.device.type)
+    set_seed(cfg.seed)
+    model, tok = load_for_method(cfg, acc.device.type, prep.label_map)
+    splits = encode_splits(prep, tok, cfg.max_length)
+    general = _general_text(cfg, tok)
+    notes = _data_notes(cfg, prep, splits)
+    if acc.is_main_process:
+        if resume is None:
+            _start_dir(run_dir, cfg, prep, notes)
+        for text in notes:
+            note(f"warning: {text}")
+    acc.wait_for_everyone()
+    labels = prep.label_map.labels if prep.label_map else None
+    loop = Loop(model, cfg, splits.train, splits.eval, tok.pad_token_id, acc, run_dir, labels)
+    before = loop.evaluate(general) if general is not None else None
+    _fit(loop, run_dir, resume is not None)
+    loop.restore_best()
+    results = _final_eval(loop, splits, general, before)
+    if acc.is_main_process:
+        _save(loop, cfg, tok, run_dir, prep, splits, results)
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def _fit(loop: Loop, run_dir: Path, resuming: bool) -> None:
+    try:
+        loop.fit(resume_from=run_dir if resuming else None)
+    except KeyboardInterrupt:
+        if loop.is_main:
+            ck = run_dir / "checkpoint" / "trainer_state.json"
+            where = (f"the last checkpoint is kept; continue with `loralab train --resume "
+                     f"{run_dir}`") if ck.exists() else "no checkpoint had been written yet"
+            note(f"interrupted at step {loop.state.step}: {where}.")
+        raise
+
+
+def _final_eval(loop: Loop, splits, general, before) -> dict:
+    out = {"eval": loop.evaluate(splits.eval) if splits.eval is not None and len(splits.eval)
+           else {},
+           "test": loop.evaluate(splits.test) if splits.test is not None and len(splits.test)
+           else {}}
+    if general is not None:
+        after = loop.evaluate(general)
+        b, a = before["perplexity"], after["perplexity"]
+        out["forgetting"] = {"before_ppl": b, "after_ppl": a, "delta": a - b,
+                             "percent": 100.0 * (a - b) / b}
+    return out
+
+
+def _save(loop: Loop, cfg: TrainConfig, tok, run_dir: Path, prep, splits, results) -> None:
+    model = loop.acc.unwrap_model(loop.model)
+    labels = prep.label_map.labels if prep.label_map else None
+    if cfg.method == "full":
+        target = run_dir / "model"
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    else:
+        from loralab.lora import save_adapter
+
+        target = run_dir / "adapter"
+        save_adapter(model, target, base_model_name_or_path=cfg.model,
+                     metadata={"method": cfg.method, "labels": labels,
+                               "max_length": cfg.max_length})
+    metrics = build_metrics(loop, cfg, model, results, rundir.dir_bytes(target), prep, splits)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    for leftover in ("checkpoint", "best"):
+        rundir.clear(run_dir / leftover)
+
+
+def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_bytes: int,
+                  prep, splits) -> dict:
+    from loralab.lora import trainable_report
+
+    s = loop.state
+    report = trainable_report(model)
+    peak = peak_process_memory(loop.acc.device.type)
+    peak["tensors"] = tensor_account(model, s.gradients_bytes, s.optimizer_bytes)
+    lora = cfg.method in ("lora", "qlora")
+    step_seconds = max(s.train_seconds - s.eval_seconds, 1e-9)
+    metrics = {
+        "method": cfg.method, "task": cfg.task, "model": cfg.model,
+        "rank": cfg.rank if lora else None, "alpha": cfg.alpha if lora else None,
+        "targets": cfg.targets if lora else ("head" if cfg.method == "head" else "all"),
+        "trainable_params": report["trainable"], "total_params": report["total"],
+        "trainable_percent": report["percent"],
+        "train_seconds": s.train_seconds, "eval_seconds": s.eval_seconds,
+        "train_tokens": s.train_tokens, "tokens_per_second": s.train_tokens / step_seconds,
+        "steps": s.step, "epochs": s.step / loop.steps_per_epoch,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "world_size": loop.world, "lr": cfg.lr, "seed": cfg.seed,
+        "peak_memory": peak, "eval": results["eval"], "test": results["test"],
+        "best_step": s.best_step, "best_metric": {cfg.metric: s.best_metric},
+        "artifact_bytes": artifact_bytes, "loss_curve": s.loss_curve, "evals": s.evals,
+        "data": dict(prep.info, truncated_rows=splits.truncated),
+    }
+    if "forgetting" in results:
+        metrics["forgetting"] = results["forgetting"]
+    return metrics
