@@ -84,3 +84,14 @@ def test_qlora_merge_goes_into_dequantized_base():
     merged = merge_and_unload(qmodel)
     assert not any(is_4bit(m) or isinstance(m, LoRALinear) for m in merged.modules())
     torch.testing.assert_close(logits(merged, ids), unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_forward_uses_the_dequantized_weights_exactly():
+    # bitsandbytes' CPU inference kernel would repack to bf16; loralab keeps one path
+    torch.manual_seed(0)
+    q = quantize_linear(nn.Linear(64, 128)).eval()
+    weight = dequantize_weight(q)
+    x = torch.randn(3, 12, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ weight.T + q.bias, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dequantize_weight(q), weight, rtol=0, atol=0)

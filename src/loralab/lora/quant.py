@@ -53,6 +53,11 @@ def quantize_linear(linear: nn.Module, compute_dtype=torch.float32) -> nn.Module
     ).to(device)  # moving to a device quantizes
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    # bitsandbytes' CPU inference path repacks the weights for a bf16 kernel,
+    # so eval outputs would differ from training's dequantize-then-matmul in the
+    # compute dtype (by ~1e-2 here) and bf16 is slow on CPUs without native bf16.
+    # Keep one path: the dequantized weights in the compute dtype.
+    q.support_avx512bf16_for_cpu = False
     return q
 
 
