@@ -106,8 +106,9 @@ def test_qlora_adapter_merges_into_dequantized_base(tiny_llama_dir, tmp_path, ca
     quantize_model_4bit(model)
     inject_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"))
     randomize_adapters(model, std=0.05)
-    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_llama_dir),
-                 metadata={"quantized": "nf4", "method": "qlora"})
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_llama_dir))
+    meta = json.loads((tmp_path / "adapter" / "loralab.json").read_text())
+    assert meta["quantized"] == "nf4"
     try:
         main(["merge", "--adapter", str(tmp_path / "adapter"), "--output",
               str(tmp_path / "merged")])

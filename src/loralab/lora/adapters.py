@@ -25,7 +25,7 @@ from loralab.lora.inject import (
     inject_lora,
 )
 from loralab.lora.layer import LoRALinear, ModulesToSave
-from loralab.lora.quant import dequantize_model
+from loralab.lora.quant import dequantize_model, is_4bit
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,6 +112,8 @@ def save_adapter(model: nn.Module, out_dir, *, base_model_name_or_path: str | No
     config = peft_config_dict(model, adapter_name, base)
     task = _task_of(model, model.loralab_adapters[adapter_name]["config"].task)
     meta = {"base_model": base, "task": task}
+    if any(is_4bit(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)):
+        meta["quantized"] = "nf4"  # merge must go into the dequantized base
     meta.update(metadata or {})
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
