@@ -1,0 +1,168 @@
+"""Put parameters, optimizer and activations together into one step's peak.
+
+Gradients and activations never peak together: the backward frees each
+layer's saved tensors as that layer's gradients appear, and gradients are
+dropped (``zero_grad(set_to_none=True)``, PyTorch's default) before the next
+forward. So the peak is the resident state (weights, master copy, optimizer
+moments) plus the larger of
+
+- the start of the backward: every saved activation, the logits and their
+  gradient, one layer's gradients in flight and the QLoRA dequantization
+  buffer; and
+- the optimizer step: every gradient at once.
+"""
+
+from __future__ import annotations
+
+from loralab.errors import LoralabError
+from loralab.estimate.activations import count_activations
+from loralab.estimate.formula import (
+    CPU_PROCESS_BYTES,
+    CUDA_CONTEXT_BYTES,
+    OPTIMIZERS,
+    Estimate,
+    EstimateConfig,
+    lora_bytes,
+    optimizer_bytes,
+    param_groups,
+    quantized_linears,
+    weights_by_dtype,
+)
+from loralab.estimate.layers import arch_of
+from loralab.estimate.spec import ModelSpec
+from loralab.estimate.tape import Regime
+
+MAX_BATCH = 1 << 20
+
+
+class Estimator:
+    """Everything that does not depend on the batch size, computed once."""
+
+    def __init__(self, spec: ModelSpec, cfg: EstimateConfig):
+        cfg.check()
+        if cfg.method == "head" and spec.task == "sft":
+            raise LoralabError("method 'head' trains a classification head and does not fit "
+                               "task 'sft'.", hint="Fix: use --method lora, qlora or full.")
+        self.spec, self.cfg = spec, cfg
+        self.arch = arch_of(spec.config, spec.model)
+        self.groups, self.targets, self.heads = param_groups(spec, cfg)
+        self.by_dtype = weights_by_dtype(self.groups, spec.model, cfg)
+        self._acts = {}
+        self._static = self.static_bytes()
+        self._params = self.params()
+        self._dequant = 0  # elements of the largest NF4 weight
+        if cfg.method == "qlora":
+            model = spec.model
+            self._dequant = max((model.get_submodule(n).weight.numel()
+                                 for n in quantized_linears(model)), default=0)
+
+    # -- static parts ----------------------------------------------------------
+    def params(self) -> dict:
+        g = {x.label: x.count for x in self.groups}
+        total = sum(x.count for x in self.groups)
+        trainable = sum(x.count for x in self.groups if x.trainable)
+        return {"total": total, "trainable": trainable,
+                "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0,
+                "lora": g.get("lora", 0), "quantized": g.get("base NF4", 0),
+                "lora_layers": len(self.targets)}
+
+    def static_bytes(self) -> dict:
+        trainable = [g for g in self.groups if g.trainable]
+        return {"weights": sum(self.by_dtype.values()),
+                "master_weights": int(sum(g.count * g.master for g in trainable)),
+                "gradients": int(sum(g.count * g.grad for g in trainable)),
+                "optimizer": optimizer_bytes(self.groups, self.cfg.optimizer)}
+
+    def regime(self, padded: bool) -> Regime:
+        cfg, heads = self.cfg, self.heads
+        if cfg.method == "full":
+            def trainable(name):
+                return True
+        else:
+            def trainable(name):
+                return any(name == h or name.startswith(h + ".") for h in heads)
+        return Regime(act_bytes=cfg.prec.act, seq=cfg.seq_len, trainable=trainable,
+                      lora=self.targets.__contains__, rank=cfg.rank,
+                      lora_bytes=lora_bytes(cfg), lora_dropout=cfg.lora_dropout,
+                      device=cfg.device, padded=padded,
+                      attn_impl=getattr(self.spec.model.config, "_attn_implementation", "sdpa")
+                      or "sdpa")
+
+    def activations(self, batch: int) -> dict:
+        padded = batch > 1  # batches of several texts are padded to the longest
+        if padded not in self._acts:
+            self._acts[padded] = count_activations(self.arch, self.regime(padded),
+                                                   self.spec.task, self.spec.num_labels)
+        return self._acts[padded].total(batch, self.cfg.seq_len, self.cfg.grad_checkpointing)
+
+    def workspace(self, batch: int) -> int:
+        """One layer's gradients in flight, plus the largest NF4 weight
+        dequantized to the compute dtype (bitsandbytes does it per matmul)."""
+        a, act = self.arch, self.cfg.prec.act
+        ws = batch * self.cfg.seq_len * (a.hidden + a.intermediate) * act
+        return int(ws + act * self._dequant)
+
+    def overhead(self) -> int:
+        if not self.cfg.overhead:
+            return 0
+        return CUDA_CONTEXT_BYTES if self.cfg.device == "cuda" else CPU_PROCESS_BYTES
+
+    # -- one batch size -----------------------------------------------------------
+    def at(self, batch: int | None = None) -> Estimate:
+        batch = self.cfg.batch_size if batch is None else batch
+        b = dict(self._static)
+        b.update({k: int(v) for k, v in self.activations(batch).items()})
+        b["workspace"] = self.workspace(batch)
+        b["overhead"] = self.overhead()
+        b["tensors"] = b["weights"] + b["master_weights"] + b["gradients"] + b["optimizer"]
+        backward = b["activations"] + b["logits"] + b["workspace"]
+        b["total"] = (b["weights"] + b["master_weights"] + b["optimizer"]
+                      + max(backward, b["gradients"]) + b["overhead"])
+        cfg = self.cfg if batch == self.cfg.batch_size else _with_batch(self.cfg, batch)
+        return Estimate(self.spec.name, self.spec.model_type, self.spec.task, cfg,
+                        dict(self._params), b, dict(self.by_dtype), self.assumptions())
+
+    def max_batch_size(self, capacity: int) -> int:
+        """Largest batch whose peak fits ``capacity`` bytes (0: not even 1)."""
+        if self.at(1).total > capacity:
+            return 0
+        lo, hi = 1, 2
+        while hi <= MAX_BATCH and self.at(hi).total <= capacity:
+            lo, hi = hi, hi * 2
+        hi = min(hi, MAX_BATCH + 1)
+        while hi - lo > 1:  # invariant: lo fits, hi does not
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.at(mid).total <= capacity else (lo, mid)
+        return lo
+
+    def assumptions(self) -> list[str]:
+        cfg, p = self.cfg, self.cfg.prec
+        out = [f"precision {p.name}: {p.note}", f"optimizer {cfg.optimizer}: "
+               + OPTIMIZERS[cfg.optimizer]]
+        if cfg.method == "qlora":
+            out.append("NF4 + double quantization: 4 + 0.127 bits per quantized weight "
+                       "(QLoRA §3); norms, embeddings and the head stay in "
+                       f"{'fp32' if p.weight == 4 else 'bf16'}; LoRA weights in fp32")
+        attn = self.regime(True)
+        kernel = "fused (no T x T scores)" if attn.fused_attention(self.arch.attn_dropout) \
+            else "unfused (keeps T x T probabilities)"
+        out.append(f"attention: {attn.attn_impl} on {cfg.device}, {kernel}")
+        if cfg.grad_checkpointing:
+            out.append("gradient checkpointing: each layer keeps its input; one layer "
+                       "is recomputed at a time")
+        out.append("peak = weights + master + optimizer + max(activations + logits + "
+                   "workspace, gradients) + overhead")
+        out.append("overhead: " + ("CUDA context ~0.5 GB" if cfg.device == "cuda"
+                                   else "CPU process baseline (measured, BENCHMARKS.md)")
+                   if cfg.overhead else "overhead: not counted")
+        return out
+
+
+def _with_batch(cfg: EstimateConfig, batch: int) -> EstimateConfig:
+    from dataclasses import replace
+
+    return replace(cfg, batch_size=batch)
+
+
+def estimate(spec: ModelSpec, cfg: EstimateConfig) -> Estimate:
+    return Estimator(spec, cfg).at()

@@ -1,0 +1,270 @@
+"""The memory breakdown of one training step, per method, before anything loads.
+
+    total = weights + master weights + gradients + optimizer state
+            + activations + logits + workspace + framework overhead
+
+Parameters are counted exactly on the meta-device model; LoRA targets come
+from the engine's own ``find_targets``, so the estimate wraps the same layers
+``loralab train`` wraps. Each assumption is named in ``Estimate.assumptions``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+from loralab.errors import LoralabError
+from loralab.estimate.spec import ModelSpec
+from loralab.estimate.tape import FP32
+
+METHODS = ("full", "lora", "qlora", "head")
+DEVICES = ("cuda", "cpu")
+
+# NF4 with double quantization (QLoRA §3; bitsandbytes): 4-bit codes, one
+# 8-bit absmax per 64 weights, one fp32 constant per 256 absmax values.
+NF4_BLOCK = 64
+NF4_BLOCK2 = 256
+NF4_TABLES = 16 * 4 + 256 * 4 + 4  # NF4 code, 8-bit dynamic map, offset (fp32)
+
+# A CUDA context with cuBLAS/cuDNN handles takes 300-600 MB of GPU memory
+# outside torch's allocator (it never shows in max_memory_allocated).
+CUDA_CONTEXT_BYTES = 500 * 10**6
+# The resident memory of a `loralab train` process before the model loads
+# (python, torch, transformers, tokenizer, data): measured by
+# bench/estimate_vs_measured.py, see BENCHMARKS.md "Memory: estimate vs measured".
+CPU_PROCESS_BYTES = 520 * 10**6
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of each copy a training step keeps."""
+
+    name: str
+    weight: int  # working weights (frozen ones too)
+    grad: int
+    master: int  # extra fp32 copy of the trainable weights (0: none)
+    act: int  # activations
+    note: str
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", 4, 4, 0, 4, "fp32 weights, gradients and activations"),
+    "bf16": Precision("bf16", 2, 2, 0, 2,
+                      "bf16 weights, gradients and activations, no fp32 copy"),
+    # ZeRO (Rajbhandari et al. 2020) §3.1 / Megatron: 2 + 2 + (4 + 4 + 4) = 16 B/param
+    "bf16-mixed": Precision("bf16-mixed", 2, 2, 4, 2,
+                            "bf16 weights, gradients and activations; fp32 master weights"),
+}
+
+# Optimizer state bytes per trainable parameter
+OPTIMIZERS = {
+    "adamw": "two fp32 moments (m, v): 8 B/param",
+    "adamw-8bit": "bitsandbytes 8-bit blockwise moments: 2 B/param + fp32 absmax per 256; "
+                  "tensors under 4096 elements keep fp32 moments",
+    "sgd": "plain SGD keeps no state",
+    "sgd-momentum": "one momentum buffer in the gradient dtype",
+}
+
+
+@dataclass
+class EstimateConfig:
+    # defaults follow `loralab train` (TrainConfig): batch 16, r=8, attention targets
+    method: str = "lora"
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    batch_size: int = 16
+    seq_len: int = 512
+    rank: int = 8
+    targets: str = "attention"
+    lora_dropout: float = 0.0
+    grad_checkpointing: bool = False
+    device: str = "cuda"
+    overhead: bool = True  # add the CUDA context / CPU process baseline
+
+    def check(self) -> None:
+        _one_of("method", self.method, METHODS)
+        _one_of("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        _one_of("device", self.device, DEVICES)
+        if not isinstance(self.precision, Precision):
+            _one_of("precision", self.precision, tuple(PRECISIONS))
+        for key in ("batch_size", "seq_len", "rank"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                flag = "--" + key.replace("_", "-")
+                raise LoralabError(f"{key} must be a positive integer (got {value!r}).",
+                                   hint=f"Fix: pass {flag} 1 or more.")
+
+    @property
+    def prec(self) -> Precision:
+        return self.precision if isinstance(self.precision, Precision) \
+            else PRECISIONS[self.precision]
+
+
+def _one_of(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise LoralabError(f"unknown {key} {value!r}.",
+                           hint=f"Fix: use one of {', '.join(choices)}.")
+
+
+@dataclass
+class Group:
+    """Parameters that share a dtype and trainability."""
+
+    label: str
+    numels: list[int]
+    dtype: str  # torch dtype name, or "nf4"
+    nbytes: float  # bytes per element
+    trainable: bool
+    grad: int = 0
+    master: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.numels)
+
+
+@dataclass
+class Estimate:
+    model: str
+    model_type: str
+    task: str
+    config: EstimateConfig
+    params: dict
+    bytes: dict
+    weights_by_dtype: dict
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.bytes["total"]
+
+    def to_dict(self) -> dict:
+        cfg = self.config
+        return {
+            "model": self.model, "model_type": self.model_type, "task": self.task,
+            "method": cfg.method, "precision": cfg.prec.name, "optimizer": cfg.optimizer,
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "rank": cfg.rank if cfg.method in ("lora", "qlora") else None,
+            "targets": cfg.targets if cfg.method in ("lora", "qlora") else None,
+            "grad_checkpointing": cfg.grad_checkpointing, "device": cfg.device,
+            "params": dict(self.params), "bytes": dict(self.bytes),
+            "weights_by_dtype": dict(self.weights_by_dtype),
+            "assumptions": list(self.assumptions),
+        }
+
+
+# -- parameters ------------------------------------------------------------------
+
+def _numels(module) -> list[int]:
+    return [p.numel() for p in module.parameters()]
+
+
+def _qlora_skip() -> tuple[str, ...]:
+    """The heads ``quantize_model_4bit`` leaves in full precision (its default)."""
+    from loralab.lora.quant import quantize_model_4bit
+
+    return inspect.signature(quantize_model_4bit).parameters["skip"].default
+
+
+def quantized_linears(model) -> list[str]:
+    """Names of the linear layers ``loralab.lora.quant`` turns into NF4."""
+    from loralab.lora import is_linear
+
+    skip = _qlora_skip()
+    return [n for n, m in model.named_modules() if is_linear(m) and not any(
+        n == s or n.startswith(s + ".") or n.endswith("." + s) for s in skip)]
+
+
+def lora_targets(spec: ModelSpec, targets: str) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """``([(name, d_in, d_out)], modules_to_save)`` exactly as ``inject_lora`` picks."""
+    from loralab.lora import default_modules_to_save, find_targets, lora_shapes
+
+    mts = default_modules_to_save(spec.model, spec.task)
+    names = find_targets(spec.model, targets, exclude=tuple(mts))
+    return lora_shapes(spec.model, names), mts
+
+
+def param_groups(spec: ModelSpec, cfg: EstimateConfig) -> tuple[list[Group], set, list]:
+    """Parameter groups for the method, the LoRA target names and the heads trained."""
+    p, model = cfg.prec, spec.model
+    wdtype = "float32" if p.weight == 4 else "bfloat16"
+    if cfg.method == "full":
+        return [Group("model", _numels(model), wdtype, p.weight, True, p.grad, p.master)], \
+            set(), []
+    shapes, mts = ([], None) if cfg.method == "head" else lora_targets(spec, cfg.targets)
+    if mts is None:
+        from loralab.lora import default_modules_to_save
+        mts = default_modules_to_save(model, spec.task)
+    groups = _frozen_groups(model, cfg, wdtype)
+    if shapes:
+        lbytes = lora_bytes(cfg)
+        numels = [n for _, d_in, d_out in shapes for n in (cfg.rank * d_in, cfg.rank * d_out)]
+        groups.append(Group("lora", numels, "float32" if lbytes == 4 else "bfloat16",
+                            lbytes, True, lbytes, 0 if lbytes == FP32 else p.master))
+    heads = [n for m in mts for n in _numels(model.get_submodule(m))]
+    if heads:  # ModulesToSave: a trainable copy next to the frozen original
+        groups.append(Group("head copy", heads, wdtype, p.weight, True, p.grad, p.master))
+    return groups, {name for name, _, _ in shapes}, list(mts)
+
+
+def lora_bytes(cfg: EstimateConfig) -> int:
+    """The engine makes LoRA weights in the base weight's dtype; fp32 over NF4."""
+    return FP32 if cfg.method == "qlora" else cfg.prec.weight
+
+
+def _frozen_groups(model, cfg: EstimateConfig, wdtype: str) -> list[Group]:
+    p = cfg.prec
+    if cfg.method != "qlora":
+        return [Group("base (frozen)", _numels(model), wdtype, p.weight, False)]
+    qnames = quantized_linears(model)
+    qweights = {id(model.get_submodule(n).weight) for n in qnames}
+    qnumels = [model.get_submodule(n).weight.numel() for n in qnames]
+    rest = [t.numel() for t in model.parameters() if id(t) not in qweights]
+    return [Group("base NF4", qnumels, "nf4", 0.5, False),
+            Group("base (frozen)", rest, wdtype, p.weight, False)]
+
+
+def nf4_constants(numels: list[int]) -> int:
+    """Bytes of the double-quantized absmax constants of NF4 tensors."""
+    total = 0
+    for n in numels:
+        blocks = math.ceil(n / NF4_BLOCK)
+        total += blocks + 4 * math.ceil(blocks / NF4_BLOCK2)  # uint8 absmax + fp32 absmax2
+    return total + (NF4_TABLES if numels else 0)
+
+
+def optimizer_bytes(groups: list[Group], optimizer: str) -> int:
+    total = 0
+    for g in groups:
+        if not g.trainable:
+            continue
+        if optimizer == "adamw":
+            total += 8 * g.count
+        elif optimizer == "sgd-momentum":
+            total += g.grad * g.count
+        elif optimizer == "adamw-8bit":  # bitsandbytes min_8bit_size=4096, blocks of 256
+            total += sum(8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / 256)
+                         for n in g.numels)
+    return total
+
+
+def weights_by_dtype(groups: list[Group], model, cfg: EstimateConfig) -> dict[str, int]:
+    """Bytes by dtype, keyed as ``loralab.train.memory.weight_account`` keys them."""
+    out: dict[str, int] = {}
+
+    def add(key: str, nbytes: int) -> None:
+        if nbytes:
+            out[key] = out.get(key, 0) + int(nbytes)
+
+    for g in groups:
+        if g.dtype == "nf4":
+            add("nf4", sum(math.ceil(n / 2) for n in g.numels))  # two 4-bit codes a byte
+            add("nf4_quant_state", nf4_constants(g.numels))
+        else:
+            add(g.dtype, g.count * g.nbytes)
+    wdtype = "float32" if cfg.prec.weight == 4 else "bfloat16"
+    for b in model.buffers():  # position ids, rotary frequencies
+        key = wdtype if b.is_floating_point() else str(b.dtype).replace("torch.", "")
+        add(key, b.numel() * (cfg.prec.weight if b.is_floating_point() else b.element_size()))
+    return out

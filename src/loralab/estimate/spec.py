@@ -1,0 +1,170 @@
+"""The model being estimated: its config, and the model built on the meta device.
+
+``--model`` is a preset (``loralab.estimate.presets``, the loralab aliases
+included), a local model dir or ``config.json``, or a hub id (config only).
+Building with ``torch.device("meta")`` gives every parameter's exact shape
+while allocating no weight memory, so a 70B model is counted in a second.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from loralab.errors import LoralabError
+from loralab.estimate.presets import PRESETS
+
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+TASKS = ("classify", "sft")
+
+# raw config.json keys the formula needs, per model_type (first spelling wins)
+_DECODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "vocab_size")
+REQUIRED_KEYS = {
+    "llama": _DECODER_KEYS, "mistral": _DECODER_KEYS, "qwen2": _DECODER_KEYS,
+    "qwen3": _DECODER_KEYS, "bert": _DECODER_KEYS, "roberta": _DECODER_KEYS,
+    "xlm-roberta": _DECODER_KEYS,
+    "distilbert": ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"),
+    "gpt2": ("n_embd", "n_layer", "n_head", "vocab_size"),
+}
+
+
+@dataclass
+class ModelSpec:
+    name: str  # what the user gave
+    source: str  # "preset" | "local" | "hub"
+    hub_id: str  # the publisher's id for presets, else the name
+    config: object  # transformers.PretrainedConfig
+    task: str  # "classify" | "sft"
+    num_labels: int
+    model: object  # the model on the meta device
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+
+def _presets_hint() -> str:
+    return "known presets: " + ", ".join(PRESETS)
+
+
+def raw_config(name: str) -> tuple[dict, str, str]:
+    """``(config.json fields, source, hub id)`` for a preset, path or hub id."""
+    if name in PRESETS:
+        hub_id, fields = PRESETS[name]
+        return copy.deepcopy(fields), "preset", hub_id
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return _read_json(path), "local", str(path)
+    if path.suffix or name.startswith((".", "/", "~")):
+        raise LoralabError(f"no model config at '{name}'.",
+                           hint="Fix: give a model dir holding config.json, a config.json, "
+                           "or a preset (" + _presets_hint() + ").")
+    if "/" not in name:
+        raise LoralabError(f"unknown model preset '{name}'.",
+                           hint="Fix: use a hub id (org/name), a local dir, or one of the "
+                           + _presets_hint() + ".")
+    return _hub_config(name), "hub", name
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise LoralabError(f"cannot read {path}: {err}.",
+                           hint="Fix: point --model at a valid config.json.") from err
+    if not isinstance(data, dict):
+        raise LoralabError(f"{path} is not a JSON object.",
+                           hint="Fix: point --model at a Hugging Face config.json.")
+    return data
+
+
+def _hub_config(hub_id: str) -> dict:
+    from transformers import PretrainedConfig
+
+    try:
+        data, _ = PretrainedConfig.get_config_dict(hub_id)
+    except (OSError, ValueError) as err:
+        raise LoralabError(
+            f"could not fetch the config of '{hub_id}' from the Hugging Face Hub "
+            "(offline, or no such repo).",
+            hint="Fix: use a local model dir or config.json, or a preset ("
+            + _presets_hint() + ").") from err
+    return data
+
+
+def check_fields(raw: dict, name: str) -> str:
+    """The model_type, after checking that the fields the formula needs are there."""
+    mtype = raw.get("model_type")
+    if not mtype:
+        raise LoralabError(f"the config of '{name}' has no model_type.",
+                           hint="Fix: add \"model_type\" (e.g. \"llama\") to its config.json.")
+    if mtype not in REQUIRED_KEYS:
+        raise LoralabError(
+            f"no activation formula for architecture '{mtype}' yet.",
+            hint="Fix: use a model of type " + ", ".join(REQUIRED_KEYS) + ".")
+    missing = [k for k in REQUIRED_KEYS[mtype] if raw.get(k) in (None, 0)]
+    if missing:
+        raise LoralabError(
+            f"the config of '{name}' lacks {', '.join(missing)}, which the estimate needs.",
+            hint="Fix: add the field(s) to config.json as the model's publisher gives them.")
+    return mtype
+
+
+def infer_task(raw: dict) -> str:
+    """``classify`` for encoders and *ForSequenceClassification, else ``sft``."""
+    archs = " ".join(raw.get("architectures") or [])
+    if "ForSequenceClassification" in archs or raw.get("model_type") in ENCODERS:
+        return "classify"
+    return "sft"
+
+
+def load_spec(name: str, task: str | None = None, num_labels: int = 2) -> ModelSpec:
+    """Resolve ``name`` and build its model on the meta device for ``task``."""
+    raw, source, hub_id = raw_config(name)
+    mtype = check_fields(raw, name)
+    task = task or infer_task(raw)
+    if task not in TASKS:
+        raise LoralabError(f"unknown task '{task}'.", hint="Fix: use --task classify or sft.")
+    if task == "sft" and mtype in ENCODERS:
+        raise LoralabError(f"'{name}' is an encoder ({mtype}); it does not generate text.",
+                           hint="Fix: use --task classify, or a decoder model for sft.")
+    if num_labels < 1:
+        raise LoralabError(f"num_labels must be >= 1 (got {num_labels}).",
+                           hint="Fix: pass --num-labels 2, for example.")
+    config = _build_config(raw, task, num_labels)
+    return ModelSpec(name, source, hub_id, config, task, num_labels,
+                     build_meta_model(config, task))
+
+
+def _build_config(raw: dict, task: str, num_labels: int):
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in raw.items() if not k.startswith("_") and k != "model_type"}
+    fields.pop("transformers_version", None)
+    if task == "classify":
+        fields["num_labels"] = num_labels
+        fields.pop("id2label", None)
+        fields.pop("label2id", None)
+    try:
+        return AutoConfig.for_model(raw["model_type"], **fields)
+    except (TypeError, ValueError) as err:
+        raise LoralabError(f"invalid config for {raw['model_type']}: {err}.",
+                           hint="Fix: check the config.json fields.") from err
+
+
+def build_meta_model(config, task: str):
+    """The model for ``task`` with every tensor on the meta device (no memory)."""
+    import torch
+    import transformers
+
+    cls_name = "AutoModelForSequenceClassification" if task == "classify" \
+        else "AutoModelForCausalLM"
+    cls = getattr(transformers, cls_name)
+    with torch.device("meta"):
+        return cls.from_config(config)
