@@ -69,6 +69,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps; None: once per epoch
     log_every: int = 10
     metric: str | None = None  # None: "f1" classify, "loss" sft
+    keep_best: bool = True  # end with the best evaluated weights, not the last ones
     eval_batch_size: int | None = None  # None: 2 * batch_size (classify), batch_size (sft)
     seed: int = 42
     gradient_checkpointing: bool = False

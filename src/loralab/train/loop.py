@@ -210,7 +210,7 @@ class Loop:
             value > s.best_metric if self.cfg.metric_higher_is_better else value < s.best_metric)
         if better:
             s.best_metric, s.best_step = value, s.step
-            if self.is_main and self.run_dir is not None:
+            if self.is_main and self.run_dir is not None and self.cfg.keep_best:
                 ckpt.save_weights(self.run_dir / "best", self.acc.unwrap_model(self.model))
         self.acc.wait_for_everyone()
 
@@ -231,7 +231,9 @@ class Loop:
         """Load the best evaluated weights if they are not the current ones."""
         s = self.state
         best = self.run_dir / "best" if self.run_dir is not None else None
-        if best is None or s.best_step is None or s.best_step == s.step or not best.exists():
+        if not self.cfg.keep_best or best is None or s.best_step in (None, s.step):
+            return False
+        if not best.exists():
             return False
         ckpt.load_weights(best, self.acc.unwrap_model(self.model))
         return True
