@@ -116,18 +116,18 @@ def _delimited_rows(text: str, suffix: str, text_column: str, label_column: str)
 
 
 def _has_header(rows: list[list[str]], text_column: str, label_column: str) -> bool:
+    """The first row is a header if it names a requested column, or if its cells
+    look like names: short, and not repeated as values further down the column
+    (a label such as 'ham' recurs; a column name does not)."""
     first = [c.strip() for c in rows[0]]
-    named = [c for c in (text_column, label_column) if not str(c).isdigit()]
-    if named:
-        # names were given: the first row is a header if it holds any of them,
-        # or if it looks like one (no cell longer than a column name would be)
-        return any(c in first for c in named) or all(len(c) <= 32 for c in first) and len(rows) > 1
-    if len(rows) < 2:
+    if any(str(c) in first for c in (text_column, label_column) if not str(c).isdigit()):
+        return True
+    if len(rows) < 2 or any(len(c) > 40 or not c for c in first):
         return False
-    try:
-        return csv.Sniffer().has_header("\n".join("\t".join(r) for r in rows[:50]))
-    except csv.Error:
-        return False
+    for col, name in enumerate(first):
+        if any(len(r) > col and r[col].strip() == name for r in rows[1:1000]):
+            return False
+    return True
 
 
 def _column_index(columns: list[str], wanted: str, path, role: str) -> int:
