@@ -1,0 +1,361 @@
+"""The HTTP API: OpenAI-compatible completions and chat, models, classify,
+adapter load/unload and health, over a :class:`LoraServer`.
+
+Every error is JSON ``{"error": {"message", "type", "code"}}`` with a 4xx
+status for anything the client can fix; a client mistake never reaches 500
+and never stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loralab.errors import LoralabError
+from loralab.generation import (
+    GenerationRequest,
+    SamplingParams,
+    check_context,
+    encode_chat,
+    encode_prompt,
+)
+from loralab.serve.engine import GenJob
+from loralab.serve.registry import ApiError, Entry
+from loralab.serve.schemas import (
+    CHAT_MAX_TOKENS,
+    AdapterLoad,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+)
+from loralab.serve.server import LoraServer, settle
+
+log = logging.getLogger("loralab.serve")
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(ApiError(status, message).body(), status_code=status)
+
+
+def _validation_message(errors) -> str:
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "Invalid request. " + "; ".join(parts)
+
+
+def _unparsed_body(err: dict) -> bool:
+    """A body that arrived as raw text (not sent as JSON) and does not parse as JSON."""
+    raw = err.get("input")
+    if tuple(err.get("loc", ())) != ("body",) or not isinstance(raw, (bytes, str)):
+        return False
+    try:
+        json.loads(raw)
+    except ValueError:
+        return True
+    return False
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" or _unparsed_body(e) for e in errors):
+            return _error(400, "Malformed JSON in the request body. Send a valid JSON object.")
+        return _error(422, _validation_message(errors))
+
+    @app.exception_handler(ApiError)
+    async def _api(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(LoralabError)
+    async def _user(request, exc: LoralabError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+
+class Guard:
+    """Outermost ASGI layer: checks ``Authorization: Bearer <key>`` on /v1 routes
+    (when a key is set) and turns an unexpected exception into a JSON 500
+    instead of a dropped connection, so the server keeps serving."""
+
+    def __init__(self, app, api_key: str | None = None):
+        self.app = app
+        self.key = api_key.encode() if api_key is not None else None
+
+    def _authorized(self, scope) -> bool:
+        if self.key is None or not scope["path"].startswith("/v1"):
+            return True
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self._authorized(scope):
+            reply = _error(401, "Missing or wrong API key. Send 'Authorization: Bearer <key>'.")
+            return await reply(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # a bug must not take the server down
+            log.exception("internal error on %s", scope["path"])
+            if not started:
+                await _error(500, "Internal server error.")(scope, receive, send)
+
+
+def model_card(server: LoraServer, entry: Entry) -> dict:
+    card = {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "loralab",
+            "task": entry.task}
+    if entry.info is None:
+        card.update(root=server.config.model, parent=None)
+    else:
+        card.update(root=str(entry.info.dir), parent=server.registry.base.name)
+        if entry.info.labels is not None:
+            card["labels"] = list(entry.info.labels)
+    return card
+
+
+def create_app(server: LoraServer) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(server.close)
+
+    app = FastAPI(title="loralab serve", lifespan=lifespan)
+    app.state.server = server
+    install_error_handlers(app)
+    app.add_middleware(Guard, api_key=server.config.api_key)
+    add_generation_routes(app, server)
+    add_admin_routes(app, server)
+    return app
+
+
+# -- generation ---------------------------------------------------------------
+
+def _sampling(body, max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                          top_p=body.top_p, stop=tuple(body.stop or ()), seed=body.seed)
+
+
+def _acquire_generator(server: LoraServer, model: str) -> Entry:
+    entry = server.registry.acquire(model)
+    if entry.task != "generate":
+        server.registry.release(entry)
+        what = ("a classification adapter; use POST /v1/classify" if entry.task == "classify"
+                else "an encoder and cannot generate text")
+        raise ApiError(400, f"The model '{model}' is {what}.")
+    return entry
+
+
+def _completion_rows(server: LoraServer, body: CompletionRequest, entry: Entry):
+    tok = server.served.tokenizer
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
+    rows = []
+    for prompt in prompts:
+        ids = encode_prompt(tok, prompt)
+        check_context(server.served.model, len(ids), max_tokens)
+        rows.append(GenerationRequest(ids, _sampling(body, max_tokens), entry.adapter))
+    return rows
+
+
+def _chat_rows(server: LoraServer, body: ChatRequest, entry: Entry):
+    ids = encode_chat(server.served.tokenizer, [m.model_dump() for m in body.messages])
+    room = server.served.context - len(ids)
+    max_tokens = body.max_tokens or max(1, min(CHAT_MAX_TOKENS, room))
+    check_context(server.served.model, len(ids), max_tokens)
+    return [GenerationRequest(ids, _sampling(body, max_tokens), entry.adapter)]
+
+
+def _usage(rows: list[GenerationRequest]) -> dict:
+    prompt = sum(len(r.prompt_ids) for r in rows)
+    completion = sum(len(r.token_ids) for r in rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _completion_choice(i: int, text: str, finish: str | None) -> dict:
+    return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _chat_choice(i: int, text: str, finish: str | None, delta: bool) -> dict:
+    if delta:
+        return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    return {"index": i, "message": {"role": "assistant", "content": text},
+            "finish_reason": finish}
+
+
+async def _generate(server: LoraServer, body, entry: Entry, rows, chat: bool):
+    kind = "chat.completion" if chat else "text_completion"
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+            "created": int(time.time()), "model": body.model}
+    if body.stream:
+        return StreamingResponse(_start_stream(server, entry, rows, head, chat),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def done(error):
+        server.registry.release(entry)
+        loop.call_soon_threadsafe(settle, future, None, error)
+
+    server.submit(GenJob(rows, done), entry)
+    await future
+    choices = [_chat_choice(i, r.text, r.finish_reason, False) if chat
+               else _completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(rows)]
+    return {**head, "choices": choices, "usage": _usage(rows)}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _start_stream(server: LoraServer, entry: Entry, rows, head: dict, chat: bool):
+    """Queue the rows now (so their reference is released even if the client
+    never reads) and return the SSE body: one chunk per text delta, a closing
+    chunk per row, then ``[DONE]``."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, row in enumerate(rows):
+        row.on_text = (lambda delta, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, delta)))
+
+    def done(error):
+        server.registry.release(entry)
+        loop.call_soon_threadsafe(queue.put_nowait, (None, error))
+
+    server.submit(GenJob(rows, done), entry)
+    return _sse_body(queue, rows, head, chat)
+
+
+async def _sse_body(queue: asyncio.Queue, rows, head: dict, chat: bool):
+    obj = head["object"] + (".chunk" if chat else "")
+
+    def chunk(choice) -> str:
+        return _sse({**head, "object": obj, "choices": [choice]})
+
+    try:
+        if chat:
+            for i in range(len(rows)):
+                yield chunk({"index": i, "delta": {"role": "assistant"}, "finish_reason": None})
+        while True:
+            i, payload = await queue.get()
+            if i is None:
+                break
+            yield chunk(_chat_choice(i, payload, None, True) if chat
+                        else _completion_choice(i, payload, None))
+        if payload is not None:
+            log.error("generation failed: %r", payload)
+            yield _sse(ApiError(500, f"Generation failed: {type(payload).__name__}.").body())
+        else:
+            for i, row in enumerate(rows):
+                yield chunk(_chat_choice(i, "", row.finish_reason, True) if chat
+                            else _completion_choice(i, "", row.finish_reason))
+        yield "data: [DONE]\n\n"
+    finally:
+        for row in rows:  # a client that went away stops its rows
+            row.cancelled = True
+
+
+def add_generation_routes(app: FastAPI, server: LoraServer) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        entry = _acquire_generator(server, body.model)
+        try:
+            rows = _completion_rows(server, body, entry)
+        except BaseException:
+            server.registry.release(entry)
+            raise
+        return await _generate(server, body, entry, rows, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        entry = _acquire_generator(server, body.model)
+        try:
+            rows = _chat_rows(server, body, entry)
+        except BaseException:
+            server.registry.release(entry)
+            raise
+        return await _generate(server, body, entry, rows, chat=True)
+
+
+# -- classification, models, adapters, health ---------------------------------
+
+def _classify_inputs(server: LoraServer, body: ClassifyRequest) -> list[list[int]]:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    ids = [list(server.served.tokenizer(t)["input_ids"]) for t in texts]
+    for row in ids:
+        if not row:
+            raise ApiError(400, "An input is empty after tokenization. Give some text.")
+        if len(row) > server.served.context:
+            raise ApiError(400, f"An input has {len(row)} tokens; the model's context length "
+                           f"is {server.served.context}. Shorten it.")
+    return ids
+
+
+def add_admin_routes(app: FastAPI, server: LoraServer) -> None:
+    reg = server.registry
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest):
+        entry = reg.acquire(body.model)
+        if entry.task != "classify":
+            reg.release(entry)
+            raise ApiError(400, f"The model '{body.model}' is not a classification adapter. "
+                           "Use POST /v1/completions or /v1/chat/completions.")
+        try:
+            ids = _classify_inputs(server, body)
+        except BaseException:
+            reg.release(entry)
+            raise
+        probs = await server.call(lambda: server.served.classify(entry.name, ids), entry)
+        labels = entry.info.labels
+        data = [{"index": i, "label": labels[max(range(len(p)), key=p.__getitem__)],
+                 "label_id": max(range(len(p)), key=p.__getitem__),
+                 "probabilities": dict(zip(labels, p))} for i, p in enumerate(probs)]
+        return {"object": "list", "model": body.model, "data": data}
+
+    @app.get("/v1/models")
+    async def models():
+        entries = [reg.base] + reg.ready()
+        return {"object": "list", "data": [model_card(server, e) for e in entries]}
+
+    @app.post("/v1/adapters")
+    async def load(body: AdapterLoad):
+        entry = await server.load(body.name, body.path)
+        return model_card(server, entry)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload(name: str):
+        await server.unload(name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": reg.base.name, "adapters": len(reg.ready()),
+                "queued": server.worker.pending(), "batches": server.worker.batches,
+                "uptime_s": round(time.time() - server.started, 1)}
