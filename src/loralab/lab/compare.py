@@ -1,0 +1,82 @@
+"""``loralab compare``: the same model, data, split and seed trained by several
+methods, each run in its own process, measured side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loralab.errors import LoralabError
+from loralab.lab.plan import (
+    DEFAULT_METHODS,
+    LORA_FAMILY,
+    Plan,
+    RunSpec,
+    check_general_text,
+    check_passthrough,
+    command_line,
+    default_general_text,
+    parse_methods,
+    parse_ranks,
+    parse_train_args,
+    resolve_configs,
+)
+
+DEFAULT_OUTPUT = "runs/compare"
+DEFAULT_GENERATIONS = 4  # held-out prompts shown side by side (sft)
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def compare_runs(methods: list[str], ranks: list[int]) -> list[RunSpec]:
+    """full, head once each; lora and qlora once per rank."""
+    runs = []
+    for method in methods:
+        if method in LORA_FAMILY:
+            runs += [RunSpec(f"{method}-r{r}", {"method": method, "rank": r}) for r in ranks]
+        else:
+            runs.append(RunSpec(method, {"method": method}))
+    return runs
+
+
+def shared_options(model, data, task, train_args) -> dict:
+    from loralab.config import infer_task
+
+    options = parse_train_args(train_args)
+    options.update({"model": model or "minilm", "data": data or "tickets"})
+    options["task"] = task or infer_task(options["data"])
+    return options
+
+
+def sft_settings(task: str, general_text: str | None) -> str | None:
+    if task != "sft":
+        if general_text:
+            raise LoralabError("--general-text measures forgetting of causal language models "
+                               "and needs an sft comparison. Drop it, or pass --task sft "
+                               "with instruction data.")
+        return None
+    return check_general_text(general_text) if general_text else default_general_text()
+
+
+def plan_compare(*, model=None, data=None, task=None, methods=None, ranks=None,
+                 train_args=(), output=DEFAULT_OUTPUT, general_text=None,
+                 generations=DEFAULT_GENERATIONS, max_new_tokens=DEFAULT_MAX_NEW_TOKENS) -> Plan:
+    """Validate everything and resolve one config per run; nothing runs yet."""
+    shared = shared_options(model, data, task, train_args)
+    check_passthrough(shared, ("method", "rank"), "compare")
+    chosen = parse_methods(methods, DEFAULT_METHODS.get(shared["task"], ()))
+    rank_list = parse_ranks(ranks)
+    gt = sft_settings(shared["task"], general_text)
+    if gt:
+        shared["general_text"] = gt
+    if generations < 0 or max_new_tokens < 1:
+        raise LoralabError("--generations must be >= 0 and --max-new-tokens >= 1.")
+    runs = compare_runs(chosen, rank_list)
+    configs = resolve_configs(shared, runs)
+    command = command_line("compare", [
+        ("--model", shared["model"]), ("--data", shared["data"]), ("--task", shared["task"]),
+        ("--methods", ",".join(chosen)), ("--ranks", ",".join(map(str, rank_list))),
+        ("--output", output), ("--general-text", general_text),
+        ("--generations", generations if shared["task"] == "sft" else None),
+        ("--max-new-tokens", max_new_tokens if shared["task"] == "sft" else None)], train_args)
+    return Plan("compare", Path(output), runs, configs, general_text=gt,
+                generations=generations if shared["task"] == "sft" else 0,
+                max_new_tokens=max_new_tokens, command=command)

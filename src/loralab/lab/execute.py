@@ -1,0 +1,158 @@
+"""Carry out a plan: train each run in its own process, one after another,
+then aggregate the run dirs into results.json, results.csv and report.html.
+
+Finished runs are kept and skipped on a re-run; a failed run becomes a row
+with its error and the others go on; outputs are rewritten after every run,
+so an interrupted comparison still shows what it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from loralab.io import atomic_write_json, atomic_write_text
+from loralab.lab import fmt
+from loralab.lab import results as R
+from loralab.lab.environment import environment
+from loralab.lab.outdir import LAB_DIR, is_finished, open_output, save_state
+from loralab.lab.plan import LORA_FAMILY, Plan
+from loralab.lab.report import write_report
+from loralab.lab.runner import run_training, write_run_yaml
+
+SHOWN_SETTINGS = ("model", "data", "eval_data", "test_data", "task", "seed", "epochs",
+                  "max_steps", "batch_size", "grad_accum", "max_length", "warmup_ratio",
+                  "scheduler", "weight_decay", "dropout", "mixed_precision", "general_text")
+
+
+def spec_dict(plan: Plan, name: str) -> dict:
+    cfg = plan.configs[name]
+    lora = cfg.method in LORA_FAMILY
+    return {"method": cfg.method, "rank": cfg.rank if lora else None,
+            "alpha": cfg.alpha if lora else None, "lr": cfg.lr,
+            "targets": cfg.targets if lora else None}
+
+
+def load_row(plan: Plan, name: str, status: str) -> dict:
+    run_dir = plan.output / name
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return {**metrics, "run": name, "status": status, "error": None, "run_dir": str(run_dir),
+            "spec": spec_dict(plan, name)}
+
+
+def failed_row(plan: Plan, name: str, error: str) -> dict:
+    cfg = plan.configs[name]
+    return {"method": cfg.method, "task": cfg.task, "model": cfg.model, "run": name,
+            "status": "failed", "error": error, "run_dir": str(plan.output / name),
+            "spec": spec_dict(plan, name)}
+
+
+def _describe_record(name: str, record: dict | None) -> str:
+    if not record:
+        return f"[bold]{name}[/]: loading"
+    bits = [f"step {record.get('step')}"]
+    if fmt.is_number(record.get("epoch")):
+        bits.append(f"epoch {record['epoch']:.2f}")
+    if fmt.is_number(record.get("loss")):
+        bits.append(f"loss {record['loss']:.3f}")
+    if fmt.is_number(record.get("tokens_per_second")):
+        bits.append(f"{fmt.count(record['tokens_per_second'])} tok/s")
+    return f"[bold]{name}[/]: " + " · ".join(bits)
+
+
+def train_one(plan: Plan, state: dict, name: str, progress: Progress, task_id) -> dict:
+    """Train one run in a subprocess; record the outcome in the lab state."""
+    run_dir, lab = plan.output / name, plan.output / LAB_DIR
+    config_yaml = lab / f"{name}.yaml"
+    write_run_yaml(config_yaml, plan.run_config(name), run_dir)
+    fingerprint = plan.run_fingerprint(name)
+    state["runs"][name] = {"status": "running", "fingerprint": fingerprint}
+    save_state(plan.output, state)
+    progress.update(task_id, description=_describe_record(name, None))
+    outcome = run_training(
+        config_yaml, run_dir, plan.output / "logs" / f"{name}.log",
+        on_poll=lambda rec: progress.update(task_id, description=_describe_record(name, rec)))
+    state["runs"][name] = {"status": "ok" if outcome.ok else "failed", "error": outcome.error,
+                           "fingerprint": fingerprint, "wall_seconds": round(outcome.seconds, 2)}
+    save_state(plan.output, state)
+    if outcome.ok:
+        progress.console.print(f"[green]done[/] {name} in {fmt.seconds(outcome.seconds)}")
+        return load_row(plan, name, "ok")
+    progress.console.print(f"[red]failed[/] {name}: {outcome.error}")
+    return failed_row(plan, name, outcome.error)
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+
+def report_meta(plan: Plan, env: dict, generations: list[dict]) -> dict:
+    shared = plan.shared()
+    from loralab.models import model_display_name
+
+    model = model_display_name(shared["model"])
+    data = shared["data"] if shared["data"] in ("tickets", "instructions") \
+        else Path(shared["data"]).name
+    settings = {k: shared[k] for k in SHOWN_SETTINGS if shared.get(k) is not None}
+    if plan.task == "sft":
+        settings["generations"] = f"{plan.generations} prompts, {plan.max_new_tokens} new tokens"
+    return {"title": f"loralab {plan.kind}: {model} on {data}", "model": model,
+            "task": plan.task, "data": data, "created": time.strftime("%Y-%m-%d %H:%M"),
+            "command": plan.command, "environment": env, "settings": settings,
+            "generations": generations}
+
+
+def write_outputs(plan: Plan, rows: list[dict], env: dict, generations: list[dict]) -> None:
+    """results.json, results.csv, generations.jsonl and report.html, each atomic."""
+    meta = report_meta(plan, env, generations)
+    atomic_write_json(plan.output / "results.json", {
+        "kind": plan.kind, "fingerprint": plan.fingerprint(), "command": plan.command,
+        "created": meta["created"], "environment": env, "settings": plan.shared(),
+        "runs": rows, "generations": generations})
+    atomic_write_text(plan.output / "results.csv", R.to_csv(rows))
+    if generations:
+        atomic_write_text(plan.output / "generations.jsonl",
+                          "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
+    write_report(plan.output / "report.html", rows, meta)
+
+
+def execute(plan: Plan, *, overwrite: bool = False, console: Console | None = None) -> list[dict]:
+    """Run every unfinished run of ``plan``; return one row per run, in plan order."""
+    console = console or Console()
+    state = open_output(plan, overwrite)
+    env = environment()
+    names = [spec.name for spec in plan.runs]
+    rows = {n: load_row(plan, n, "skipped") for n in names if is_finished(plan, state, n)}
+    if rows:
+        console.print(f"kept {len(rows)} finished run(s) from {plan.output}: {', '.join(rows)}")
+    ordered = lambda: [rows[n] for n in names if n in rows]
+    with make_progress(console) as progress:
+        overall = progress.add_task(f"{plan.kind} ({plan.output})", total=len(names),
+                                    completed=len(rows))
+        current = progress.add_task("", total=None)
+        for name in names:
+            if name not in rows:
+                rows[name] = train_one(plan, state, name, progress, current)
+                progress.advance(overall)
+                write_outputs(plan, ordered(), env, [])
+        generations = []
+        if plan.task == "sft" and plan.generations > 0:
+            progress.update(current, description="[bold]generations[/]: side by side")
+            from loralab.lab.side_by_side import side_by_side
+
+            generations = side_by_side(plan, ordered(), progress.console)
+        progress.update(current, visible=False)
+    write_outputs(plan, ordered(), env, generations)
+    return ordered()

@@ -1,0 +1,71 @@
+"""Side-by-side generations: the same held-out prompts answered by the base
+model and by each fine-tuned run, greedy, with the same token budget.
+
+Prompts are formatted by ``loralab.data.prompts``, the module training uses,
+so every model is asked in the format it was tuned on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def held_out_prompts(cfg, n: int) -> list[dict]:
+    """The first ``n`` conversations of the run's test split (else eval split):
+    records no run trained on, split exactly as the trainer splits them."""
+    from loralab.data.dataset import prepare_data
+
+    prep = prepare_data(cfg)
+    held_out = prep.test or prep.eval or []
+    prompts = []
+    for conv in held_out[:n]:
+        *context, answer = conv
+        user = next((m["content"] for m in reversed(context) if m["role"] == "user"), "")
+        prompts.append({"prompt": user, "messages": context, "reference": answer["content"]})
+    return prompts
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_generation(job: dict):
+    """(model, tokenizer) for a job: the base model, a full fine-tune's saved
+    model, or the base (4-bit for QLoRA) with the run's adapter loaded."""
+    from loralab.lora import load_adapter
+    from loralab.models import load_model
+
+    method = job.get("method")
+    if method is None:
+        return load_model(job["model"], "sft")
+    run_dir = Path(job["run_dir"])
+    if method == "full":
+        return load_model(str(run_dir / "model"), "sft")
+    kwargs = {}
+    if method == "qlora":
+        from loralab.config import config_from_dict
+        from loralab.train.methods import compute_dtype
+
+        cfg = config_from_dict(job["config"])
+        kwargs = {"quantize_4bit": True, "compute_dtype": compute_dtype(cfg, device())}
+    model, tok = load_model(job["model"], "sft", **kwargs)
+    return load_adapter(model, run_dir / "adapter"), tok
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy answers to ``prompts``, one batch, left-padded."""
+    from loralab.data.prompts import build_chat_prompt, has_chat_template
+
+    texts = [build_chat_prompt(tokenizer, p["messages"]) for p in prompts]
+    tokenizer.padding_side = "left"
+    specials = not has_chat_template(tokenizer)  # as in training: templates write their BOS
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=specials)
+    model.to(device()).eval()
+    out = model.generate(  # (B, T + new)
+        input_ids=enc["input_ids"].to(device()), attention_mask=enc["attention_mask"].to(device()),
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]  # (B, new)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -1,0 +1,203 @@
+"""What a comparison or sweep will run: one resolved training config per run,
+and a fingerprint that tells whether an output dir holds this comparison.
+
+Nothing here loads a model or writes a file, so every bad option is reported
+before the first run starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loralab.errors import LoralabError
+
+METHODS = ("full", "head", "lora", "qlora")
+DEFAULT_METHODS = {"classify": ("full", "head", "lora", "qlora"), "sft": ("full", "lora", "qlora")}
+LORA_FAMILY = ("lora", "qlora")
+# Settings each run sets for itself; the rest of the config is shared by all runs.
+RUN_KEYS = ("method", "rank", "alpha", "lr", "targets")
+# Settings the lab owns: where runs go and how they report.
+LAB_KEYS = ("output", "overwrite", "quiet", "resume")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    overrides: dict  # a subset of RUN_KEYS
+
+
+@dataclass
+class Plan:
+    kind: str  # "compare" or "sweep"
+    output: Path
+    runs: list[RunSpec]
+    configs: dict  # run name -> resolved TrainConfig
+    general_text: str | None = None
+    generations: int = 0
+    max_new_tokens: int = 64
+    command: str = ""
+    lab: dict = field(default_factory=dict)  # lab settings that change results
+
+    @property
+    def task(self) -> str:
+        return next(iter(self.configs.values())).task
+
+    def run_config(self, name: str) -> dict:
+        """The resolved config of one run, without where it is written."""
+        data = self.configs[name].to_dict()
+        return {k: v for k, v in data.items() if k not in LAB_KEYS}
+
+    def shared(self) -> dict:
+        first = self.run_config(self.runs[0].name)
+        return {k: v for k, v in first.items() if k not in RUN_KEYS}
+
+    def fingerprint(self) -> str:
+        """Same fingerprint = same comparison: model, data (by content), split,
+        seed, shared settings and the lab's own settings. The list of runs is
+        left out, so asking for one more rank extends a comparison."""
+        shared = self.shared()
+        files = {k: file_digest(shared.get(k)) for k in ("data", "eval_data", "test_data")}
+        files["general_text"] = file_digest(self.general_text)
+        return digest({"kind": self.kind, "shared": shared, "files": files, "lab": self.lab})
+
+    def run_fingerprint(self, name: str) -> str:
+        return digest({"comparison": self.fingerprint(), "run": self.run_config(name)})
+
+
+def digest(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def file_digest(path: str | None) -> str | None:
+    """Content hash of a data file (built-in names resolved), None if no file."""
+    if not path:
+        return None
+    from loralab.data.dataset import resolve_data_path
+
+    resolved = Path(resolve_data_path(path))
+    if not resolved.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(resolved, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def parse_train_args(args: list[str] | tuple[str, ...]) -> dict:
+    """Training options passed through: ``--grad-accum 2``, ``--no-group-by-length``,
+    ``--lr=1e-4`` or ``lr=1e-4`` -> ``{"grad_accum": "2", ...}`` (typed later)."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, value = arg[2:], None
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            elif key.startswith("no-"):
+                key, value = key[3:], "false"
+            else:
+                value = "true"
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise LoralabError(f"cannot read {arg!r}: pass training options as --name value "
+                               "or name=value (e.g. --grad-accum 2).")
+        out[key.strip().replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def check_passthrough(options: dict, owned: tuple[str, ...], kind: str) -> None:
+    """Refuse training options the lab sets per run or controls itself."""
+    hints = {"method": "--methods", "rank": "--ranks", "alpha": "--alphas", "lr": "--lrs",
+             "targets": "--targets", "output": "--output", "overwrite": "--overwrite"}
+    for key in options:
+        if key in owned or key in LAB_KEYS:
+            flag = hints.get(key)
+            fix = f"Use {kind}'s {flag} instead." if flag else f"{kind} sets it for every run."
+            raise LoralabError(f"option {key!r} cannot be passed through to the runs. {fix}")
+
+
+def split_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parse_methods(text: str | None, default: tuple[str, ...]) -> list[str]:
+    methods = split_list(text) or list(default)
+    for m in methods:
+        if m not in METHODS:
+            raise LoralabError(f"unknown method {m!r}. Use a comma-separated list of: "
+                               f"{', '.join(METHODS)} (e.g. --methods full,lora).")
+    return list(dict.fromkeys(methods))
+
+
+def parse_ranks(text: str | None, default: tuple[int, ...] = (8,)) -> list[int]:
+    """'4,8,16' -> [4, 8, 16]; every rank a whole number >= 1."""
+    items = split_list(text)
+    if text is not None and not items:
+        raise LoralabError("the rank list is empty. Pass ranks like --ranks 4,8,16.")
+    ranks = []
+    for item in items:
+        try:
+            rank = int(item)
+        except ValueError:
+            rank = None
+        if rank is None or rank < 1:
+            raise LoralabError(f"bad rank {item!r}: ranks are whole numbers >= 1. "
+                               "Pass ranks like --ranks 4,8,16.")
+        ranks.append(rank)
+    return list(dict.fromkeys(ranks)) or list(default)
+
+
+def check_general_text(path: str) -> str:
+    """A readable, non-empty UTF-8 text file; returns its absolute path."""
+    p = Path(path).expanduser()
+    fix = "Pass --general-text with a plain-text file of ordinary prose."
+    if not p.is_file():
+        raise LoralabError(f"general text {p} not found or not a file. {fix}")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise LoralabError(f"general text {p} is empty. {fix}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LoralabError(f"general text {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} "
+                           f"at offset {err.start}). {fix}") from None
+    controls = sum(1 for c in text if ord(c) < 32 and c not in "\n\r\t\f")
+    if "\x00" in text or controls > len(text) // 100:
+        raise LoralabError(f"general text {p} looks binary, not text. {fix}")
+    if len(text.split()) < 50:
+        raise LoralabError(f"general text {p} has {len(text.split())} words: too few to "
+                           f"measure perplexity. {fix}")
+    return str(p.resolve())
+
+
+def default_general_text() -> str:
+    from loralab.data.dataset import resolve_data_path
+
+    return check_general_text(resolve_data_path("general_text"))
+
+
+def resolve_configs(shared: dict, runs: list[RunSpec]) -> dict:
+    """One resolved, validated TrainConfig per run (no model is loaded)."""
+    from loralab.config import build_config
+
+    return {run.name: build_config(options={**shared, **run.overrides}) for run in runs}
+
+
+def command_line(kind: str, options: list[tuple[str, object]], train_args) -> str:
+    """The exact command that reproduces a plan, options spelled out."""
+    import shlex
+
+    parts = ["loralab", kind]
+    for flag, value in options:
+        if value is not None and value is not False:
+            parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts + list(train_args))

@@ -1,0 +1,110 @@
+"""Run one ``loralab train`` in its own process, so its peak memory is its own,
+and turn its exit into a status and a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from loralab.io import atomic_write_text
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    error: str | None
+    seconds: float
+
+
+def write_run_yaml(path: Path, config: dict, run_dir: Path) -> None:
+    """The exact config the subprocess trains with (resolved, plus where to write)."""
+    data = {**config, "output": str(run_dir), "overwrite": True, "quiet": True}
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def train_command(config_yaml: Path) -> list[str]:
+    return [sys.executable, "-m", "loralab", "train", str(config_yaml)]
+
+
+def latest_record(run_dir: Path) -> dict | None:
+    """The last training record of a run's log.jsonl, if there is one yet."""
+    path = run_dir / "log.jsonl"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "loss" in record:
+            return record
+    return None
+
+
+def error_line(output: str, returncode: int) -> str:
+    """The one line that says why a run failed."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
+        return f"training process killed by {name}{hint}"
+    tail = lines[-1] if lines else "no output"
+    return f"training process exited with code {returncode}: {tail}"[:600]
+
+
+def run_training(config_yaml: Path, run_dir: Path, log_path: Path, on_poll=None) -> Outcome:
+    """Train in a subprocess; ``on_poll(record)`` is called about twice a second
+    with the latest log record so a progress display can follow along."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(train_command(config_yaml), stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        try:
+            while proc.poll() is None:
+                if on_poll:
+                    on_poll(latest_record(run_dir))
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C: let the run stop cleanly, then give up
+            _stop(proc)
+            raise
+    seconds = time.perf_counter() - start
+    ok = proc.returncode == 0 and (run_dir / "metrics.json").is_file()
+    if ok:
+        return Outcome(True, None, seconds)
+    output = log_path.read_text(encoding="utf-8", errors="replace")
+    if proc.returncode == 0:
+        return Outcome(False, f"training finished without writing {run_dir / 'metrics.json'}",
+                       seconds)
+    return Outcome(False, error_line(output, proc.returncode), seconds)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a run on Ctrl-C. From a terminal the child got SIGINT too; otherwise
+    send it one, then give it time to keep its last checkpoint."""
+    steps = ((lambda: None, 2), (lambda: proc.send_signal(signal.SIGINT), 30),
+             (proc.terminate, 10), (proc.kill, None))
+    for action, timeout in steps:
+        action()
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue

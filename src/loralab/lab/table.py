@@ -1,0 +1,59 @@
+"""The console table printed at the end of a comparison (rich)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from loralab.lab import fmt
+from loralab.lab import results as R
+
+
+def _short(n) -> str:
+    """Bytes in 3-4 characters: 3.8M, 578K, 1.1G."""
+    text = fmt.nbytes(n)
+    return text.replace(" GiB", "G").replace(" MiB", "M").replace(" KiB", "K").replace(" B", "B")
+
+
+def _memory(row: dict) -> str:
+    mem = R.memory_breakdown(row)
+    if mem is None:
+        return "—"
+    return (f"{fmt.nbytes(mem['peak'])}\n[dim]w{_short(mem['weights'])} "
+            f"g{_short(mem['gradients'])} o{_short(mem['optimizer'])}[/]")
+
+
+def _forgetting(row: dict) -> str:
+    f = row.get("forgetting") or {}
+    if not fmt.is_number(f.get("after_ppl")):
+        return "—"
+    return (f"{fmt.number(f.get('before_ppl'))}→{fmt.number(f['after_ppl'])}\n"
+            f"{fmt.signed(f.get('percent'), 1)}%")
+
+
+def results_table(rows: list[dict], title: str | None = None) -> Table:
+    """method and rank, trainable params (count, %), time, tokens/s, peak memory
+    with breakdown (w/g/o: weights, gradients, optimizer), artifact size, quality,
+    forgetting (sft) and ratios against full fine-tuning."""
+    quality, full = R.headline_quality(rows), R.reference_row(rows)
+    forgetting = any(r.get("forgetting") for r in rows)
+    table = Table(title=title, show_lines=True)
+    columns = ["method", "trainable", "time", "tok/s", "peak memory", "artifact",
+               quality.label] + (["forgetting"] if forgetting else []) + ["vs full FT"]
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row, label in zip(rows, R.labels(rows)):
+        head = f"{label}\n[dim]{row.get('run')}[/]"
+        if row.get("status") not in R.HAS_RESULTS:
+            table.add_row(head, f"[red]failed[/]: {row.get('error')}",
+                          *[""] * (len(columns) - 2))
+            continue
+        vs = R.versus_full(row, full, quality)
+        ratios = (f"{fmt.ratio(vs.get('speedup'))} faster\n{fmt.ratio(vs.get('memory_ratio'))}"
+                  f" mem\n{R.delta_text(vs, quality)}") if vs and row is not full else "—"
+        cells = [(f"{fmt.count(row.get('trainable_params'))}\n"
+                 f"{fmt.percent(row.get('trainable_percent'))}"),
+                 fmt.seconds(row.get("train_seconds")), fmt.count(row.get("tokens_per_second")),
+                 _memory(row), fmt.nbytes(row.get("artifact_bytes")),
+                 R.quality_text(row, quality)]
+        table.add_row(head, *cells, *([_forgetting(row)] if forgetting else []), ratios)
+    return table

@@ -1,0 +1,237 @@
+"""loralab compare and sweep end to end on tiny models built from configs, plus
+every bad input refused with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import test_lab_fixtures as F
+
+from loralab.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    return {"bert": F.tiny_bert_dir(root), "llama": F.tiny_llama_dir(root),
+            "csv": F.tiny_classify_csv(root / "tickets.csv"),
+            "instructions": F.tiny_instructions(root / "instructions.jsonl"),
+            "general": F.general_text(root / "general.txt")}
+
+
+def lab(*args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "full,bogus"], "unknown method 'bogus'"),
+    (["--ranks", "0"], "bad rank '0'"),
+    (["--ranks", "8,-4"], "bad rank '-4'"),
+    (["--ranks", "8,x"], "bad rank 'x'"),
+    (["--ranks", ","], "rank list is empty"),
+    (["--rank", "4"], "Use compare's --ranks"),
+    (["--no-such-option", "3"], "unknown setting 'no_such_option'"),
+    (["--general-text", "README.md"], "needs an sft comparison"),
+])
+def test_compare_refuses_bad_options(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert lab("compare", "--output", out, *args) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_compare_refuses_bad_general_text(tiny, tmp_path, capsys):
+    empty, binary, short = tmp_path / "empty.txt", tmp_path / "blob.txt", tmp_path / "few.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(bytes(range(256)) * 8)
+    short.write_text("just a few words")
+    for path, message in ((empty, "is empty"), (binary, "not UTF-8 text"),
+                          (short, "too few to measure"), (tmp_path / "nope.txt", "not found")):
+        code = lab("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
+                   "--general-text", path, "--output", tmp_path / "out")
+        assert code == 2
+        assert message in one_error_line(capsys)
+    (tmp_path / "nul.txt").write_bytes(b"words " * 100 + b"\x00" * 50)
+    assert lab("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
+               "--general-text", tmp_path / "nul.txt", "--output", tmp_path / "out") == 2
+    assert "looks binary" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alphas", "0"], "bad alpha '0'"),
+    (["--alphas", "-2r"], "bad alpha"),
+    (["--lrs", "0"], "bad learning rate '0'"),
+    (["--methods", "full"], "--methods takes lora and/or qlora"),
+    (["--baselines", "lora"], "is swept, not a baseline"),
+    (["--ranks", "1,0"], "bad rank '0'"),
+    (["--targets", "x", "--lr", "1e-4"], "Use sweep's --lrs"),
+])
+def test_sweep_refuses_bad_options(tmp_path, capsys, args, message):
+    assert lab("sweep", "--output", tmp_path / "out", *args) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_with_other_files_is_never_touched(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        assert lab("compare", "--output", out, *extra) == 2
+        assert "not a loralab comparison" in one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+# --- end to end on tiny models ----------------------------------------------------------
+
+FAST = ("--epochs", "1", "--max-length", "32", "--batch-size", "8")
+
+
+def results(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["runs"]
+
+
+def mtimes(out: Path, names) -> dict:
+    return {n: (out / n / "metrics.json").stat().st_mtime_ns for n in names}
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_rerun_and_refusal(tiny, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
+            "full,head,lora", "--ranks", "2", "--output", out, *FAST]
+    assert lab(*args) == 0
+    rows = results(out)
+    assert [(r["run"], r["status"]) for r in rows] == [("full", "ok"), ("head", "ok"),
+                                                        ("lora-r2", "ok")]
+    assert (out / "full" / "model").is_dir()
+    assert (out / "head" / "adapter").is_dir() and (out / "lora-r2" / "adapter").is_dir()
+    assert rows[0]["trainable_params"] > rows[2]["trainable_params"] > rows[1]["trainable_params"]
+    assert all(r["peak_memory"]["tensors"]["weights_bytes"] > 0 for r in rows)
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("run,status,method")
+    page = (out / "report.html").read_text()
+    assert "data-chart='memory'" in page and "data-chart='loss'" in page
+    assert "LoRA r=2: " in page and "of the trainable parameters" in page
+    assert "loralab compare --model" in page and "--methods full,head,lora" in page
+    printed = capsys.readouterr().out
+    assert "full FT" in printed and "report.html" in printed
+
+    before = mtimes(out, ["full", "head", "lora-r2"])
+    assert lab(*args) == 0  # same command: every run kept
+    assert [r["status"] for r in results(out)] == ["skipped"] * 3
+    assert mtimes(out, ["full", "head", "lora-r2"]) == before
+    assert "kept 3 finished run(s)" in capsys.readouterr().out
+
+    saved = (out / "results.json").read_bytes()
+    assert lab(*args[:-6], "--epochs", "2", "--max-length", "32", "--batch-size", "8") == 2
+    assert "holds a different comparison" in one_error_line(capsys)
+    assert (out / "results.json").read_bytes() == saved
+    assert mtimes(out, ["full", "head", "lora-r2"]) == before
+
+
+@pytest.mark.slow
+def test_failed_run_becomes_a_row_and_is_redone(tiny, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
+            "head,lora", "--ranks", "2", "--targets", "no_such_layer", "--output", out, *FAST]
+    assert lab(*args) == 1  # a run failed; the comparison itself finished
+    rows = results(out)
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "no_such_layer" in rows[1]["error"] and "\n" not in rows[1]["error"]
+    assert "no_such_layer" in (out / "report.html").read_text()
+    assert "1 of 2 runs failed" in capsys.readouterr().out
+    log = out / "logs" / "lora-r2.log"
+    first = log.stat().st_mtime_ns
+    head_before = mtimes(out, ["head"])
+    time.sleep(0.01)
+    assert lab(*args) == 1
+    assert [r["status"] for r in results(out)] == ["skipped", "failed"]
+    assert mtimes(out, ["head"]) == head_before
+    assert log.stat().st_mtime_ns > first  # the failed run was tried again
+
+
+@pytest.mark.slow
+def test_interrupted_compare_keeps_finished_runs(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
+            "head,lora", "--ranks", "2", "--output", out, "--epochs", "2",
+            "--max-length", "32", "--batch-size", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "loralab", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    state = out / ".lab" / "lab.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        runs = json.loads(state.read_text())["runs"] if state.exists() else {}
+        if runs.get("head", {}).get("status") == "ok" and (out / "lora-r2").exists():
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    assert proc.wait(timeout=120) == 130
+    head_metrics = (out / "head" / "metrics.json").read_bytes()
+    assert [r["run"] for r in results(out)] == ["head"]  # what finished is reported
+    assert lab(*args) == 0
+    rows = results(out)
+    assert [(r["run"], r["status"]) for r in rows] == [("head", "skipped"), ("lora-r2", "ok")]
+    assert (out / "head" / "metrics.json").read_bytes() == head_metrics
+
+
+@pytest.mark.slow
+def test_sft_compare_measures_forgetting_and_generates_side_by_side(tiny, tmp_path):
+    out = tmp_path / "sft"
+    assert lab("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
+               "--methods", "full,lora", "--ranks", "2", "--general-text", tiny["general"],
+               "--generations", "2", "--max-new-tokens", "6", "--output", out,
+               "--epochs", "1", "--max-length", "64", "--batch-size", "8") == 0
+    rows = results(out)
+    assert [r["run"] for r in rows] == ["full", "lora-r2"]
+    for row in rows:
+        f = row["forgetting"]
+        assert f["before_ppl"] > 1 and f["after_ppl"] > 1
+        assert f["delta"] == pytest.approx(f["after_ppl"] - f["before_ppl"])
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        gen = json.loads(line)
+        assert gen["prompt"].startswith("add ") and gen["reference"].startswith("the sum is")
+        assert set(gen["outputs"]) == {"base", "full", "lora-r2"}
+        assert all(not v.startswith("(not generated") for v in gen["outputs"].values())
+    page = (out / "report.html").read_text()
+    assert "data-chart='forgetting'" in page and "Generations side by side" in page
+
+
+@pytest.mark.slow
+def test_sweep_over_ranks_plots_quality_against_rank(tiny, tmp_path):
+    out = tmp_path / "sweep"
+    assert lab("sweep", "--model", tiny["bert"], "--data", tiny["csv"], "--ranks", "1,2",
+               "--baselines", "none", "--output", out, *FAST) == 0
+    rows = results(out)
+    assert [r["run"] for r in rows] == ["lora-r1-a2-attention", "lora-r2-a4-attention"]
+    assert rows[1]["trainable_params"] > rows[0]["trainable_params"]
+    config = (out / "lora-r2-a4-attention" / "config.yaml").read_text()
+    assert "rank: 2" in config and "alpha: 4.0" in config
+    page = (out / "report.html").read_text()
+    assert "data-chart='sweep-rank'" in page and "data-chart='sweep-trainable_params'" in page
