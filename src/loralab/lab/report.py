@@ -102,7 +102,9 @@ def run_cells(row: dict, full: dict | None, quality: R.Quality) -> list[str]:
               f"{fmt.percent(row.get('trainable_percent'), 2)}</span>")
     return [params, fmt.seconds(row.get("train_seconds")),
             fmt.count(row.get("tokens_per_second")), _memory_cell(row),
-            fmt.nbytes(row.get("artifact_bytes")), R.quality_text(row, quality),
+            fmt.nbytes(row.get("artifact_bytes")),
+            (f"{R.quality_text(row, quality)}<br><span class='small'>"
+            f"{esc(R.secondary_text(row, quality))}</span>"),
             R.delta_text(vs, quality), _forgetting_cell(row), fmt.ratio(vs.get("speedup")),
             fmt.ratio(vs.get("memory_ratio"))]
 

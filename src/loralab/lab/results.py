@@ -163,6 +163,14 @@ def quality_text(row: dict, quality: Quality) -> str:
     return f"{value * 100:.1f}" if quality.points else fmt.number(value)
 
 
+def secondary_text(row: dict, quality: Quality) -> str:
+    """The other quality number: accuracy beside F1, eval loss beside perplexity."""
+    other = {"f1": ACCURACY, "accuracy": F1, "perplexity": EVAL_LOSS,
+             "loss": PERPLEXITY}[quality.key]
+    value = quality_text(row, other)
+    return "" if value == "—" else f"{other.label} {value}"
+
+
 def delta_text(vs: dict, quality: Quality) -> str:
     delta = vs.get("quality_delta")
     if delta is None:
@@ -200,7 +208,8 @@ CSV_FIELDS = (
     "run", "status", "method", "rank", "alpha", "lr", "targets", "trainable_params",
     "total_params", "trainable_percent", "train_seconds", "tokens_per_second", "peak_bytes",
     "weights_bytes", "gradients_bytes", "optimizer_bytes", "other_bytes", "artifact_bytes",
-    "quality_metric", "quality", "forgetting_before_ppl", "forgetting_after_ppl",
+    "quality_metric", "quality", "accuracy", "f1", "eval_loss", "perplexity",
+    "forgetting_before_ppl", "forgetting_after_ppl",
     "forgetting_percent", "params_ratio_vs_full", "speedup_vs_full", "memory_ratio_vs_full",
     "quality_delta_vs_full", "error",
 )
@@ -216,6 +225,8 @@ def csv_row(row: dict, full: dict | None, quality: Quality) -> dict:
         "peak_bytes": mem.get("peak"),
         **{f"{k}_bytes": mem.get(k) for k in ("weights", "gradients", "optimizer", "other")},
         "quality_metric": quality.key, "quality": metric_value(row, quality.key),
+        "accuracy": metric_value(row, "accuracy"), "f1": metric_value(row, "f1"),
+        "eval_loss": metric_value(row, "loss"), "perplexity": metric_value(row, "perplexity"),
         "forgetting_before_ppl": forgetting.get("before_ppl"),
         "forgetting_after_ppl": forgetting.get("after_ppl"),
         "forgetting_percent": forgetting.get("percent"),

@@ -54,6 +54,6 @@ def results_table(rows: list[dict], title: str | None = None) -> Table:
                  f"{fmt.percent(row.get('trainable_percent'))}"),
                  fmt.seconds(row.get("train_seconds")), fmt.count(row.get("tokens_per_second")),
                  _memory(row), fmt.nbytes(row.get("artifact_bytes")),
-                 R.quality_text(row, quality)]
+                 f"{R.quality_text(row, quality)}\n[dim]{R.secondary_text(row, quality)}[/]"]
         table.add_row(head, *cells, *([_forgetting(row)] if forgetting else []), ratios)
     return table
