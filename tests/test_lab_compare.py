@@ -173,19 +173,20 @@ def test_failed_run_becomes_a_row_and_is_redone(tiny, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_interrupted_compare_keeps_finished_runs(tiny, tmp_path):
+def test_interrupted_compare_keeps_finished_runs_and_resumes(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
-            "head,lora", "--ranks", "2", "--output", out, "--epochs", "2",
+            "head,lora", "--ranks", "2", "--output", out, "--epochs", "6", "--eval-every", "2",
             "--max-length", "32", "--batch-size", "8"]
     proc = subprocess.Popen([sys.executable, "-m", "loralab", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     state = out / ".lab" / "lab.json"
-    deadline = time.time() + 240
+    checkpoint = out / "lora-r2" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         runs = json.loads(state.read_text())["runs"] if state.exists() else {}
-        if runs.get("head", {}).get("status") == "ok" and (out / "lora-r2").exists():
+        if runs.get("head", {}).get("status") == "ok" and checkpoint.exists():
             break
         time.sleep(0.1)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -193,7 +194,9 @@ def test_interrupted_compare_keeps_finished_runs(tiny, tmp_path):
     assert proc.wait(timeout=120) == 130
     head_metrics = (out / "head" / "metrics.json").read_bytes()
     assert [r["run"] for r in results(out)] == ["head"]  # what finished is reported
+    assert not (out / "lora-r2" / "metrics.json").exists()
     assert lab(*args) == 0
+    assert "resuming lora-r2 from its last checkpoint" in capsys.readouterr().out
     rows = results(out)
     assert [(r["run"], r["status"]) for r in rows] == [("head", "skipped"), ("lora-r2", "ok")]
     assert (out / "head" / "metrics.json").read_bytes() == head_metrics

@@ -29,7 +29,7 @@ from loralab.lab.environment import environment
 from loralab.lab.outdir import LAB_DIR, is_finished, open_output, save_state
 from loralab.lab.plan import LORA_FAMILY, Plan
 from loralab.lab.report import write_report
-from loralab.lab.runner import run_training, write_run_yaml
+from loralab.lab.runner import resumable, run_training, write_run_yaml
 
 SHOWN_SETTINGS = ("model", "data", "eval_data", "test_data", "task", "seed", "epochs",
                   "max_steps", "batch_size", "grad_accum", "max_length", "warmup_ratio",
@@ -71,18 +71,32 @@ def _describe_record(name: str, record: dict | None) -> str:
     return f"[bold]{name}[/]: " + " · ".join(bits)
 
 
-def train_one(plan: Plan, state: dict, name: str, progress: Progress, task_id) -> dict:
-    """Train one run in a subprocess; record the outcome in the lab state."""
-    run_dir, lab = plan.output / name, plan.output / LAB_DIR
-    config_yaml = lab / f"{name}.yaml"
+def _attempt(plan: Plan, name: str, progress: Progress, task_id, resume: bool):
+    run_dir = plan.output / name
+    config_yaml = plan.output / LAB_DIR / f"{name}.yaml"
     write_run_yaml(config_yaml, plan.run_config(name), run_dir)
+    progress.update(task_id, description=_describe_record(name, None))
+    return run_training(
+        config_yaml, run_dir, plan.output / "logs" / f"{name}.log", resume=resume,
+        on_poll=lambda rec: progress.update(task_id, description=_describe_record(name, rec)))
+
+
+def train_one(plan: Plan, state: dict, name: str, progress: Progress, task_id) -> dict:
+    """Train one run in a subprocess; record the outcome in the lab state. A run
+    interrupted earlier continues from its last checkpoint."""
     fingerprint = plan.run_fingerprint(name)
+    record = state["runs"].get(name) or {}
+    resume = (record.get("status") == "running" and record.get("fingerprint") == fingerprint
+              and resumable(plan.output / name))
     state["runs"][name] = {"status": "running", "fingerprint": fingerprint}
     save_state(plan.output, state)
-    progress.update(task_id, description=_describe_record(name, None))
-    outcome = run_training(
-        config_yaml, run_dir, plan.output / "logs" / f"{name}.log",
-        on_poll=lambda rec: progress.update(task_id, description=_describe_record(name, rec)))
+    if resume:
+        progress.console.print(f"resuming {name} from its last checkpoint")
+    outcome = _attempt(plan, name, progress, task_id, resume)
+    if resume and not outcome.ok:
+        progress.console.print(f"[yellow]resuming {name} failed[/] ({outcome.error}); "
+                               "training it from the start")
+        outcome = _attempt(plan, name, progress, task_id, False)
     state["runs"][name] = {"status": "ok" if outcome.ok else "failed", "error": outcome.error,
                            "fingerprint": fingerprint, "wall_seconds": round(outcome.seconds, 2)}
     save_state(plan.output, state)

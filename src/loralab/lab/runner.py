@@ -30,8 +30,16 @@ def write_run_yaml(path: Path, config: dict, run_dir: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def train_command(config_yaml: Path) -> list[str]:
+def train_command(config_yaml: Path, resume: Path | None = None) -> list[str]:
+    if resume is not None:  # the run dir's own config.yaml is the recipe
+        return [sys.executable, "-m", "loralab", "train", "--resume", str(resume), "--quiet"]
     return [sys.executable, "-m", "loralab", "train", str(config_yaml)]
+
+
+def resumable(run_dir: Path) -> bool:
+    """An interrupted run that wrote a checkpoint and did not finish."""
+    return ((run_dir / "checkpoint" / "trainer_state.json").is_file()
+            and not (run_dir / "metrics.json").exists())
 
 
 def latest_record(run_dir: Path) -> dict | None:
@@ -68,14 +76,17 @@ def error_line(output: str, returncode: int) -> str:
     return f"training process exited with code {returncode}: {tail}"[:600]
 
 
-def run_training(config_yaml: Path, run_dir: Path, log_path: Path, on_poll=None) -> Outcome:
-    """Train in a subprocess; ``on_poll(record)`` is called about twice a second
-    with the latest log record so a progress display can follow along."""
+def run_training(config_yaml: Path, run_dir: Path, log_path: Path, on_poll=None,
+                 resume: bool = False) -> Outcome:
+    """Train in a subprocess (``resume``: continue the interrupted run in
+    ``run_dir``); ``on_poll(record)`` is called about twice a second with the
+    latest log record so a progress display can follow along."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(train_command(config_yaml), stdout=log,
+        command = train_command(config_yaml, run_dir if resume else None)
+        proc = subprocess.Popen(command, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
         try:
             while proc.poll() is None:
