@@ -75,12 +75,13 @@ def alpha_value(alpha: str | float, rank: int) -> float:
 
 
 def safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")[:40] or "x"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")[:40] or "x"
 
 
 def grid_runs(methods, ranks, alphas, lrs, targets) -> list[RunSpec]:
-    """One run per grid point; names spell every setting, so they are stable."""
-    runs = []
+    """One run per grid point; names spell every setting, so they are stable.
+    Points that coincide (alpha 2r and a fixed alpha at one rank) run once."""
+    runs: dict[str, RunSpec] = {}
     for method, target, alpha, lr, rank in itertools.product(methods, targets, alphas, lrs,
                                                              ranks):
         a = alpha_value(alpha, rank)
@@ -89,8 +90,8 @@ def grid_runs(methods, ranks, alphas, lrs, targets) -> list[RunSpec]:
         if lr is not None:
             overrides["lr"] = lr
             name += f"-lr{lr:g}"
-        runs.append(RunSpec(name, overrides))
-    return runs
+        runs.setdefault(name, RunSpec(name, overrides))
+    return list(runs.values())
 
 
 def parse_baselines(text: str | None, task: str) -> list[str]:
