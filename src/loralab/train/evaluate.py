@@ -60,7 +60,10 @@ def _load(model: str, adapter: str | None, task: str, meta: dict):
     if task == "classify" and meta.get("labels"):
         kwargs["id2label"] = dict(enumerate(meta["labels"]))
     quantized = bool(meta.get("quantized")) or meta.get("method") == "qlora"
-    m, tok = load_model(model, task, quantize_4bit=quantized, **kwargs)
+    from loralab.train.methods import quiet_transformers
+
+    with quiet_transformers():
+        m, tok = load_model(model, task, quantize_4bit=quantized, **kwargs)
     if adapter is not None:
         from loralab.lora import load_adapter
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from loralab.errors import LoralabError
@@ -25,9 +27,10 @@ def load_for_method(cfg, device: str, label_map=None):
     if cfg.task == "classify":
         kwargs["id2label"] = label_map.id2label
     quantize = cfg.method == "qlora"
-    model, tok = load_model(cfg.model, cfg.task, quantize_4bit=quantize,
-                            compute_dtype=compute_dtype(cfg, device) if quantize else None,
-                            **kwargs)
+    with quiet_transformers():
+        model, tok = load_model(cfg.model, cfg.task, quantize_4bit=quantize,
+                                compute_dtype=compute_dtype(cfg, device) if quantize else None,
+                                **kwargs)
     apply_method(model, cfg)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.method)
@@ -64,3 +67,20 @@ def enable_checkpointing(model, method: str) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora", "head"):
         model.enable_input_require_grads()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No per-tensor load report or weight-loading bars inside a run (a fresh
+    classification head is expected: it is what training is for)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

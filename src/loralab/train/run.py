@@ -22,7 +22,7 @@ from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
 from loralab.train import rundir
 from loralab.train.loop import Loop
 from loralab.train.memory import peak_process_memory, reset_peak, tensor_account
-from loralab.train.methods import load_for_method
+from loralab.train.methods import load_for_method, quiet_transformers
 
 
 def note(text: str) -> None:
@@ -160,7 +160,7 @@ def _save(loop: Loop, cfg: TrainConfig, tok, run_dir: Path, prep, splits, result
     labels = prep.label_map.labels if prep.label_map else None
     if cfg.method == "full":
         target = run_dir / "model"
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     else:

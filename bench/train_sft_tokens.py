@@ -1,0 +1,120 @@
+"""sft LoRA throughput: loralab train vs TRL's SFTTrainer + peft, same settings.
+
+smollm2-135m, the first records of ../shared/datasets/alpaca, LoRA r=8 alpha=16
+on q,k,v,o projections, batch 4, max length 512, loss on response tokens only,
+a fixed number of optimizer steps. Tokens/s counts real (unpadded) tokens fed
+to the model. Each side runs in its own subprocess.
+
+    .venv/bin/python bench/train_sft_tokens.py --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPACA = ROOT / ".." / "shared" / "datasets" / "alpaca" / "alpaca_data_first2000.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def records(n: int) -> list[dict]:
+    return json.loads(ALPACA.read_text(encoding="utf-8"))[:n]
+
+
+def loralab_job(steps: int, batch: int, n: int) -> dict:
+    from loralab.config import build_config
+    from loralab.train import run_training
+
+    tmp = Path(tempfile.mkdtemp(prefix="sft-"))
+    data = tmp / "train.json"
+    data.write_text(json.dumps(records(n)))
+    cfg = build_config(None, None, {
+        "model": "smollm2-135m", "data": str(data), "task": "sft", "method": "lora",
+        "rank": 8, "alpha": 16, "targets": ",".join(TARGETS), "batch_size": batch,
+        "max_steps": steps, "max_length": 512, "lr": 2e-4, "eval_split": 0.0,
+        "test_split": 0.0, "save_checkpoints": False, "quiet": True,
+        "output": str(tmp / "run")})
+    run_dir = run_training(cfg)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"tokens_per_second": m["tokens_per_second"], "train_tokens": m["train_tokens"],
+            "train_seconds": m["train_seconds"], "steps": m["steps"],
+            "peak_rss_bytes": m["peak_memory"]["peak_rss_bytes"]}
+
+
+def trl_job(steps: int, batch: int, n: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from loralab.data.prompts import instruction_messages
+    from loralab.models import resolve_model
+
+    path = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = [{"prompt": instruction_messages(r["instruction"], r.get("input", "")),
+             "completion": [{"role": "assistant", "content": r["output"]}]}
+            for r in records(n)]
+
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), max_steps=steps,
+                     per_device_train_batch_size=batch, learning_rate=2e-4, max_length=512,
+                     completion_only_loss=True, save_strategy="no", report_to=[],
+                     logging_steps=max(1, steps), use_cpu=True, disable_tqdm=True,
+                     include_num_input_tokens_seen="non_padding")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    tokens = int(trainer.state.num_input_tokens_seen)  # attention-mask sum: real tokens
+    return {"tokens_per_second": tokens / seconds, "train_tokens": tokens,
+            "train_seconds": seconds, "steps": trainer.state.global_step}
+
+
+def run_job(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--job", kind, "--steps", str(args.steps),
+           "--batch", str(args.batch), "--records", str(args.records)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--records", type=int, default=200)
+    ap.add_argument("--job", choices=["loralab", "trl"])
+    args = ap.parse_args()
+    if args.job:
+        fn = loralab_job if args.job == "loralab" else trl_job
+        print(json.dumps(fn(args.steps, args.batch, args.records)))
+        return
+    if not ALPACA.is_file():
+        raise SystemExit(f"{ALPACA} not found: this benchmark needs ../shared/datasets")
+    ours = run_job("loralab", args)
+    try:
+        import trl  # noqa: F401
+        theirs = run_job("trl", args)
+    except ImportError:
+        theirs = {"error": "trl is not installed (pip install trl)"}
+    report = {"date": time.strftime("%Y-%m-%d"), "loralab": ours, "trl": theirs,
+              "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    if "tokens_per_second" in theirs:
+        report["ratio"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
