@@ -12,6 +12,7 @@ import math
 
 import matplotlib as mpl
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from loralab.lab import fmt
 from loralab.lab import results as R
@@ -84,12 +85,13 @@ def loss_curves(rows: list[dict], names: list[str]) -> str:
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(5.6, 3.4), layout="constrained")
         ax = fig.add_subplot()
-    styles = ("-", "--", "-.", ":")
+    many = len(rows) > len(METHOD_COLORS)  # a sweep: one colour per run, not per method
     for i, (row, name) in enumerate(zip(rows, names)):
         curve = [p for p in row.get("loss_curve") or [] if len(p) == 2 and fmt.is_number(p[1])]
         if curve:
-            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=name, color=color(row),
-                    linestyle=styles[i // len(METHOD_COLORS) % len(styles)], linewidth=1.4)
+            col = mpl.colormaps["tab20"](i % 20) if many else color(row)
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=name, color=col,
+                    linewidth=1.4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss", loc="left", fontsize=11, fontweight="bold")
@@ -124,14 +126,24 @@ def sweep_groups(rows: list[dict], quality: R.Quality) -> dict[str, list[dict]]:
     return {k: sorted(v, key=lambda r: R.spec_of(r)["rank"]) for k, v in groups.items()}
 
 
-def _references(ax, rows: list[dict], quality: R.Quality) -> None:
+def _references(ax, rows: list[dict], quality: R.Quality, shown: list[float]) -> None:
+    """Full FT (dashed) and head-only (dotted) as horizontal lines; a line far
+    outside the swept values is named in the legend only, so the curves keep
+    their resolution."""
     full = R.reference_row(rows)
     head = next((r for r in R.ok_rows(rows) if R.spec_of(r).get("method") == "head"), None)
+    low, high = min(shown), max(shown)
+    span = max(high - low, abs(high) * 0.01, 1e-9)
     for row, style, name in ((full, "--", "full FT"), (head, ":", "head only")):
         value = _plot_value(row, quality) if row else None
-        if value is not None:
-            ax.axhline(value, color=color(row), linestyle=style, linewidth=1.3,
-                       label=f"{name} ({fmt.number(value)})")
+        if value is None:
+            continue
+        label = f"{name} ({fmt.number(value)})"
+        if low - 2 * span <= value <= high + 2 * span:
+            ax.axhline(value, color=color(row), linestyle=style, linewidth=1.3, label=label)
+        else:
+            where = "below" if value < low else "above"
+            ax.plot([], [], color=color(row), linestyle=style, label=f"{label}, {where} the chart")
 
 
 def sweep_curve(rows: list[dict], quality: R.Quality, x_key: str) -> str | None:
@@ -143,13 +155,19 @@ def sweep_curve(rows: list[dict], quality: R.Quality, x_key: str) -> str | None:
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(5.6, 3.4), layout="constrained")
         ax = fig.add_subplot()
+    shown = []
     for i, (name, group) in enumerate(groups.items()):
         xs = [R.spec_of(r)["rank"] if x_key == "rank" else r.get("trainable_params")
               for r in group]
-        ax.plot(xs, [_plot_value(r, quality) for r in group], marker="o", label=name,
-                color=mpl.colormaps["tab10"](i % 10))
-    _references(ax, rows, quality)
+        ys = [_plot_value(r, quality) for r in group]
+        shown += ys
+        ax.plot(xs, ys, marker="o", label=name, color=mpl.colormaps["tab10"](i % 10))
+    _references(ax, rows, quality, shown)
     ax.set_xscale("log", base=2 if x_key == "rank" else 10)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if x_key != "rank":  # 20k, 50k, 100k rather than one lone 10^5
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt.count(v)))
     if x_key == "rank":
         ranks = sorted({R.spec_of(r)["rank"] for g in groups.values() for r in g})
         ax.set_xticks(ranks, [str(r) for r in ranks])

@@ -148,6 +148,9 @@ def execute(plan: Plan, *, overwrite: bool = False, console: Console | None = No
     state = open_output(plan, overwrite)
     env = environment()
     names = [spec.name for spec in plan.runs]
+    shared = plan.shared()
+    console.print(f"{plan.kind}: {', '.join(names)} · model {shared['model']} · data "
+                  f"{shared['data']} ({plan.task}) · output {plan.output}")
     rows = {n: load_row(plan, n, "skipped") for n in names if is_finished(plan, state, n)}
     if rows:
         console.print(f"kept {len(rows)} finished run(s) from {plan.output}: {', '.join(rows)}")
