@@ -125,6 +125,7 @@ def loralab_job(method: str, epochs: float, seed: int, batch: int, accum: int) -
 def run_job(kind: str, method: str, epochs: float, seed: int, batch: int, accum: int) -> dict:
     cmd = [sys.executable, __file__, "--job", kind, "--methods", method, "--epochs", str(epochs),
            "--seed", str(seed), "--batch", str(batch), "--accum", str(accum)]
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -132,6 +133,8 @@ def run_job(kind: str, method: str, epochs: float, seed: int, batch: int, accum:
         raise SystemExit(f"{kind} {method} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_seconds"] = wall
+    # the machine is shared: the 1-minute load average shows how busy it was
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
 
 

@@ -205,3 +205,21 @@ def test_truncated_rows_are_counted(models, tmp_path):
     log = (out / "log.jsonl").read_text()
     assert "truncated" in log
     assert json.loads((out / "metrics.json").read_text())["data"]["truncated_rows"] >= 1
+
+
+def test_gradient_checkpointing_gives_the_same_run(models, data, tmp_path):
+    plain = train(models, data, tmp_path / "a", "lora", "sft", "llama", "--epochs", 2)
+    ckpt = train(models, data, tmp_path / "b", "lora", "sft", "llama", "--epochs", 2,
+                 "--gradient-checkpointing")
+    for (s1, l1), (s2, l2) in zip(plain["loss_curve"], ckpt["loss_curve"]):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_forgetting_on_general_text(models, data, tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("the package was late again today\nmy login is broken please help\n" * 20)
+    m = train(models, data, tmp_path / "run", "full", "sft", "gpt2", "--general-text", text)
+    f = m["forgetting"]
+    assert f["before_ppl"] > 1 and f["after_ppl"] > 1
+    assert f["delta"] == pytest.approx(f["after_ppl"] - f["before_ppl"])
+    assert f["percent"] == pytest.approx(100 * f["delta"] / f["before_ppl"])

@@ -107,6 +107,9 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
                            "but the model is a classifier. Give a CSV/TSV/JSONL table.")
     length = max_length or meta.get("max_length") or (128 if task == "classify" else 512)
     m, tok = _load(model, adapter, task, meta)
+    from loralab.train.run import max_positions
+
+    length = min(length, max_positions(m) or length)
     labels = _labels(m, meta) if task == "classify" else None
     enc = _encode(kind, data, tok, labels, length, (text_column, label_column))
     if len(enc) == 0:

@@ -60,12 +60,22 @@ def _resume_config(run_dir: Path, quiet: bool) -> TrainConfig:
     return cfg
 
 
-def _general_text(cfg: TrainConfig, tokenizer) -> Encoded | None:
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings allow, if it says."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _general_text(cfg: TrainConfig, tokenizer, length: int) -> Encoded | None:
     if cfg.task != "sft" or not cfg.general_text:
         return None
     text = read_text_file(resolve_data_path(cfg.general_text))
-    enc = encode_text_blocks(tokenizer, text, cfg.max_length)
-    keep = max(1, cfg.general_text_tokens // cfg.max_length)
+    enc = encode_text_blocks(tokenizer, text, length)
+    keep = max(1, cfg.general_text_tokens // length)
     return Encoded(enc.input_ids[:keep], enc.labels[:keep])
 
 
@@ -109,9 +119,14 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     reset_peak(acc.device.type)
     set_seed(cfg.seed)
     model, tok = load_for_method(cfg, acc.device.type, prep.label_map)
-    splits = encode_splits(prep, tok, cfg.max_length)
-    general = _general_text(cfg, tok)
+    limit = max_positions(model)
+    length = min(cfg.max_length, limit) if limit else cfg.max_length
+    splits = encode_splits(prep, tok, length)
+    general = _general_text(cfg, tok, length)
     notes = _data_notes(cfg, prep, splits)
+    if length < cfg.max_length:
+        notes.insert(0, f"max_length={cfg.max_length} exceeds the model's {limit} positions; "
+                        f"sequences are cut to {limit} tokens.")
     if acc.is_main_process:
         if resume is None:
             _start_dir(run_dir, cfg, prep, notes)
