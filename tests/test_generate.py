@@ -224,3 +224,14 @@ def test_cli_chat_and_user_errors(tiny, capsys):
     for argv in (["--adapter", str(model_dir)], ["--max-tokens", "0"], ["--top-p", "2"]):
         assert run_cli(["generate", "--model", str(model_dir), "--prompt", "hi", *argv]) == 2
         assert capsys.readouterr().err.startswith("error:")
+
+
+def test_cancelled_row_leaves_the_batch(tiny):
+    _, _, model, tok = tiny
+    rows = [GenerationRequest(encode_prompt(tok, p), SamplingParams(max_tokens=10))
+            for p in PROMPTS[:2]]
+    rows[0].on_text = lambda delta: setattr(rows[0], "cancelled", True)  # a client went away
+    generate_batch(model, tok, rows)
+    assert rows[0].finish_reason == "cancelled" and len(rows[0].token_ids) < 10
+    alone = generate(model, tok, rows[1].prompt_ids, SamplingParams(max_tokens=10))
+    assert rows[1].token_ids == alone.token_ids  # the other row is unaffected

@@ -24,7 +24,7 @@ from loralab.serve.registry import ApiError, Entry, Registry
 # Rows decoded together. Measured on a 2-core CPU (BENCHMARKS.md, "Serving:
 # load test"): batching across adapters with per-row routing beats one
 # request at a time on throughput and tail latency.
-DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_BATCH = 16
 
 
 @dataclass
