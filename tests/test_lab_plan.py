@@ -44,6 +44,7 @@ def test_default_methods_follow_the_task(tmp_path):
     general.write_text("ordinary words of prose " * 40)
     plan = plan_compare(data=str(data), general_text=str(general), output=tmp_path / "o")
     assert plan.task == "sft" and [r.name for r in plan.runs] == ["full", "lora-r8", "qlora-r8"]
+    assert plan.configs["full"].model == "smollm2-135m"
     assert plan.configs["full"].general_text == str(general.resolve())
     assert [r.name for r in plan_compare(output=tmp_path / "c").runs] == \
         ["full", "head", "lora-r8", "qlora-r8"]

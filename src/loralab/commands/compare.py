@@ -14,7 +14,7 @@ def lab_options(func):
     """Options shared by compare and sweep."""
     for option in reversed([
         click.option("--model", default=None, help="Model: alias, local HF dir or hub id "
-                     "[default: minilm]."),
+                     "[default: minilm for classify, smollm2-135m for sft]."),
         click.option("--data", default=None, help="Data file or built-in set "
                      "(tickets, instructions) [default: tickets]."),
         click.option("--task", type=click.Choice(["classify", "sft"]), default=None,

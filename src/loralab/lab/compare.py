@@ -22,6 +22,9 @@ from loralab.lab.plan import (
 )
 
 DEFAULT_OUTPUT = "runs/compare"
+# The two real models loralab ships aliases for: an encoder for classification,
+# a small causal LM for instruction tuning.
+DEFAULT_MODEL = {"classify": "minilm", "sft": "smollm2-135m"}
 DEFAULT_GENERATIONS = 4  # held-out prompts shown side by side (sft)
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -41,8 +44,9 @@ def shared_options(model, data, task, train_args) -> dict:
     from loralab.config import infer_task
 
     options = parse_train_args(train_args)
-    options.update({"model": model or "minilm", "data": data or "tickets"})
+    options["data"] = data or "tickets"
     options["task"] = task or infer_task(options["data"])
+    options["model"] = model or DEFAULT_MODEL[options["task"]]
     return options
 
 
