@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 OPTIONS = [
@@ -63,7 +65,8 @@ def cmd(args, resume, as_json, **options):
     given = {k: v for k, v in options.items() if v is not None}
     cfg = build_config(yaml_path, overrides, given)
     run_dir = run_training(cfg, resume=resume)
-    print_summary(run_dir, as_json=as_json)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun/accelerate launch
+        print_summary(run_dir, as_json=as_json)
 
 
 def _split_args(args: tuple[str, ...]):

@@ -13,7 +13,9 @@ from loralab.train.metrics import classification_metrics, lm_metrics
 class Evaluator:
     def __init__(self, model, accelerator, pad_id: int, batch_size: int,
                  label_names: list[str] | None = None):
-        self.model, self.acc, self.pad_id = model, accelerator, pad_id
+        # the bare module: a DDP wrapper would sync buffers on every forward, and
+        # ranks run different numbers of eval batches
+        self.model, self.acc, self.pad_id = accelerator.unwrap_model(model), accelerator, pad_id
         self.batch_size, self.labels = batch_size, label_names
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.multiple = 8 if accelerator.device.type == "cuda" else 1

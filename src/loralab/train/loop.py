@@ -173,9 +173,11 @@ class Loop:
                     record = self._log_record(window, t0)
                 reporter.step(s.step, record)
                 if self._eval_due(s.step_in_epoch == 0):
+                    t_eval = time.perf_counter()
                     self._eval_point(reporter)
-                    s.train_seconds = time.perf_counter() - t0
                     self._save_checkpoint()
+                    s.train_seconds = time.perf_counter() - t0
+                    window.t += time.perf_counter() - t_eval  # tokens/s: training time only
                 if s.step >= self.total_steps:
                     break
 

@@ -111,7 +111,7 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     cfg.resolve()
     prep = prepare_data(cfg)
     acc = make_accelerator(cfg)
-    run_dir = Path(cfg.output) if cfg.output else rundir.default_output(cfg)
+    run_dir = Path(cfg.output) if cfg.output else _shared_default_output(cfg, acc)
     cfg.output = str(run_dir)
     if resume is None:
         rundir.check_output(run_dir, cfg)
@@ -143,6 +143,16 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         _save(loop, cfg, tok, run_dir, prep, splits, results)
     acc.wait_for_everyone()
     return run_dir
+
+
+def _shared_default_output(cfg: TrainConfig, acc) -> Path:
+    """A timestamped dir, chosen by the main process so every rank agrees."""
+    name = [str(rundir.default_output(cfg))]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(name, from_process=0)
+    return Path(name[0])
 
 
 def _fit(loop: Loop, run_dir: Path, resuming: bool) -> None:
