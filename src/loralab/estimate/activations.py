@@ -50,13 +50,16 @@ def count_activations(arch: Arch, regime: Regime, task: str, num_labels: int) ->
     before = tape.bytes()
     out = head(tape, arch, x, task, num_labels, regime.seq)
     outside += tape.bytes() - before
+    if task == "classify" and out.rg:
+        # cross-entropy on (B, labels): fp32 log-probabilities and int64 labels
+        outside += (num_labels * FP32 + 8) / regime.seq
     logits = 0.0
     if task == "sft" and out.rg:
-        # HF's causal-LM loss upcasts: logits (dtype) + log-softmax kept in fp32
-        # for the backward + its fp32 gradient when the backward starts
-        # for the backward + its fp32 gradient when the backward starts; the
-        # shifted int64 labels are kept by the loss
-        logits = arch.vocab * (regime.act_bytes + 2 * FP32) + 8
+        # the loss upcasts to fp32 and keeps the log-probabilities for backward;
+        # when the backward starts, the gradients w.r.t. the log-probabilities
+        # and w.r.t. the logits exist next to them (3 x fp32 per vocab entry);
+        # the int64 labels are kept by the loss
+        logits = arch.vocab * 3 * FP32 + 8
     mask = 0.0
     if regime.padded and regime.attn_impl == "sdpa" and regime.device == "cuda":
         mask = regime.seq * 1.0  # one bool (B, 1, T, T) mask shared by all layers

@@ -17,7 +17,9 @@ from __future__ import annotations
 from loralab.errors import LoralabError
 from loralab.estimate.activations import count_activations
 from loralab.estimate.formula import (
+    CPU_CLASSIFY_EXTRA,
     CPU_PROCESS_BYTES,
+    CPU_QLORA_EXTRA,
     CUDA_CONTEXT_BYTES,
     OPTIMIZERS,
     Estimate,
@@ -89,7 +91,9 @@ class Estimator:
                       or "sdpa")
 
     def activations(self, batch: int) -> dict:
-        padded = batch > 1  # batches of several texts are padded to the longest
+        padded = self.cfg.padded
+        if padded is None:
+            padded = batch > 1  # batches of several texts are padded to the longest
         if padded not in self._acts:
             self._acts[padded] = count_activations(self.arch, self.regime(padded),
                                                    self.spec.task, self.spec.num_labels)
@@ -105,7 +109,18 @@ class Estimator:
     def overhead(self) -> int:
         if not self.cfg.overhead:
             return 0
-        return CUDA_CONTEXT_BYTES if self.cfg.device == "cuda" else CPU_PROCESS_BYTES
+        if self.cfg.device == "cuda":
+            return CUDA_CONTEXT_BYTES
+        return (CPU_PROCESS_BYTES + (CPU_CLASSIFY_EXTRA if self.spec.task == "classify" else 0)
+                + (CPU_QLORA_EXTRA if self.cfg.method == "qlora" else 0))
+
+    def mapped_checkpoint(self) -> int:
+        """On CPU the checkpoint is memory-mapped and QLoRA quantizes from it: the
+        pages of the full-precision weights it replaced stay resident while the
+        model lives (for the other methods those pages are the weights)."""
+        if self.cfg.device != "cpu" or self.cfg.method != "qlora":
+            return 0
+        return self._params["quantized"] * self.spec.checkpoint_bytes
 
     # -- one batch size -----------------------------------------------------------
     def at(self, batch: int | None = None) -> Estimate:
@@ -113,11 +128,13 @@ class Estimator:
         b = dict(self._static)
         b.update({k: int(v) for k, v in self.activations(batch).items()})
         b["workspace"] = self.workspace(batch)
+        b["mapped_checkpoint"] = self.mapped_checkpoint()
         b["overhead"] = self.overhead()
         b["tensors"] = b["weights"] + b["master_weights"] + b["gradients"] + b["optimizer"]
         backward = b["activations"] + b["logits"] + b["workspace"]
         b["total"] = (b["weights"] + b["master_weights"] + b["optimizer"]
-                      + max(backward, b["gradients"]) + b["overhead"])
+                      + max(backward, b["gradients"]) + b["mapped_checkpoint"]
+                      + b["overhead"])
         cfg = self.cfg if batch == self.cfg.batch_size else _with_batch(self.cfg, batch)
         return Estimate(self.spec.name, self.spec.model_type, self.spec.task, cfg,
                         dict(self._params), b, dict(self.by_dtype), self.assumptions())
@@ -151,10 +168,13 @@ class Estimator:
             out.append("gradient checkpointing: each layer keeps its input; one layer "
                        "is recomputed at a time")
         out.append("peak = weights + master + optimizer + max(activations + logits + "
-                   "workspace, gradients) + overhead")
+                   "workspace, gradients) + mapped checkpoint (CPU QLoRA) + overhead")
         out.append("overhead: " + ("CUDA context ~0.5 GB" if cfg.device == "cuda"
-                                   else "CPU process baseline (measured, BENCHMARKS.md)")
+                                   else "CPU process of `loralab train` (measured, BENCHMARKS.md)")
                    if cfg.overhead else "overhead: not counted")
+        if cfg.device == "cpu":
+            out.append("CPU: live memory; glibc malloc can keep freed blocks resident, so "
+                       "RSS may run 10-20 % higher (BENCHMARKS.md)")
         return out
 
 

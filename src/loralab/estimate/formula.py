@@ -25,15 +25,18 @@ DEVICES = ("cuda", "cpu")
 # 8-bit absmax per 64 weights, one fp32 constant per 256 absmax values.
 NF4_BLOCK = 64
 NF4_BLOCK2 = 256
-NF4_TABLES = 16 * 4 + 256 * 4 + 4  # NF4 code, 8-bit dynamic map, offset (fp32)
+NF4_TABLES = 16 * 4 + 256 * 4 + 4  # per tensor: NF4 code, 8-bit map, offset (fp32)
 
 # A CUDA context with cuBLAS/cuDNN handles takes 300-600 MB of GPU memory
 # outside torch's allocator (it never shows in max_memory_allocated).
 CUDA_CONTEXT_BYTES = 500 * 10**6
-# The resident memory of a `loralab train` process before the model loads
-# (python, torch, transformers, tokenizer, data): measured by
-# bench/estimate_vs_measured.py, see BENCHMARKS.md "Memory: estimate vs measured".
-CPU_PROCESS_BYTES = 520 * 10**6
+# The resident memory a `loralab train` process needs besides the model's tensors
+# (interpreter, torch, transformers, tokenizer, kernel code, thread pools):
+# measured by training a tiny twin of each model with the same command in
+# bench/estimate_vs_measured.py (BENCHMARKS.md, "Memory: estimate vs measured").
+CPU_PROCESS_BYTES = 470 * 10**6
+CPU_CLASSIFY_EXTRA = 120 * 10**6  # scikit-learn, loaded for the classification metrics
+CPU_QLORA_EXTRA = 40 * 10**6  # bitsandbytes' CPU library
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class EstimateConfig:
     grad_checkpointing: bool = False
     device: str = "cuda"
     overhead: bool = True  # add the CUDA context / CPU process baseline
+    padded: bool | None = None  # padding reaches attention; None: when batch > 1
 
     def check(self) -> None:
         _one_of("method", self.method, METHODS)
@@ -226,12 +230,13 @@ def _frozen_groups(model, cfg: EstimateConfig, wdtype: str) -> list[Group]:
 
 
 def nf4_constants(numels: list[int]) -> int:
-    """Bytes of the double-quantized absmax constants of NF4 tensors."""
+    """Bytes of the quantization state of NF4 tensors: the double-quantized
+    absmax constants, plus the code tables each tensor's QuantState holds."""
     total = 0
     for n in numels:
         blocks = math.ceil(n / NF4_BLOCK)
         total += blocks + 4 * math.ceil(blocks / NF4_BLOCK2)  # uint8 absmax + fp32 absmax2
-    return total + (NF4_TABLES if numels else 0)
+    return total + NF4_TABLES * len(numels)
 
 
 def optimizer_bytes(groups: list[Group], optimizer: str) -> int:
@@ -239,8 +244,8 @@ def optimizer_bytes(groups: list[Group], optimizer: str) -> int:
     for g in groups:
         if not g.trainable:
             continue
-        if optimizer == "adamw":
-            total += 8 * g.count
+        if optimizer == "adamw":  # + torch's fp32 `step` counter per tensor
+            total += 8 * g.count + 4 * len(g.numels)
         elif optimizer == "sgd-momentum":
             total += g.grad * g.count
         elif optimizer == "adamw-8bit":  # bitsandbytes min_8bit_size=4096, blocks of 256

@@ -12,7 +12,8 @@ ROWS = [  # (key in Estimate.bytes, label)
     ("weights", "weights"), ("master_weights", "master weights (fp32)"),
     ("gradients", "gradients"), ("optimizer", "optimizer state"),
     ("activations", "activations"), ("logits", "logits + loss"),
-    ("workspace", "workspace"), ("overhead", "framework overhead"),
+    ("workspace", "workspace"), ("mapped_checkpoint", "mapped checkpoint (CPU)"),
+    ("overhead", "framework overhead"),
     ("tensors", "tensors (w+m+g+opt)"), ("total", "peak"),
 ]
 
@@ -66,6 +67,8 @@ def print_report(report: dict) -> None:
         table.add_column(label, justify="right")
     _param_rows(table, ests)
     for key, label in ROWS:
+        if key == "mapped_checkpoint" and not any(e["bytes"][key] for e in ests):
+            continue
         style = "bold" if key == "total" else None
         table.add_row(label, *[format_bytes(e["bytes"][key]) for e in ests], style=style)
         if key == "weights":

@@ -39,6 +39,7 @@ class ModelSpec:
     task: str  # "classify" | "sft"
     num_labels: int
     model: object  # the model on the meta device
+    checkpoint_bytes: int = 4  # bytes per weight in the checkpoint files (config's dtype)
 
     @property
     def model_type(self) -> str:
@@ -138,8 +139,10 @@ def load_spec(name: str, task: str | None = None, num_labels: int = 2) -> ModelS
         raise LoralabError(f"num_labels must be >= 1 (got {num_labels}).",
                            hint="Fix: pass --num-labels 2, for example.")
     config = _build_config(raw, task, num_labels)
+    dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
     return ModelSpec(name, source, hub_id, config, task, num_labels,
-                     build_meta_model(config, task))
+                     build_meta_model(config, task),
+                     checkpoint_bytes=2 if dtype in ("bfloat16", "float16") else 4)
 
 
 def _build_config(raw: dict, task: str, num_labels: int):

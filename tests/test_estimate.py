@@ -1,0 +1,339 @@
+"""loralab estimate: counts against materialized tiny models, activations against
+the tensors autograd really saves, preset totals, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+from loralab.cli import main
+from loralab.estimate import (
+    EstimateConfig,
+    Estimator,
+    estimate,
+    load_spec,
+    parse_size,
+)
+from loralab.estimate.explain import explain_rows
+from loralab.lora import LoRAConfig, inject_lora, trainable_report
+from loralab.lora.quant import quantize_model_4bit
+from loralab.train.memory import weight_account
+
+VOCAB = 96
+TINY = {
+    "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": VOCAB, "pad_token_id": 0},
+    "qwen3": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB,
+              "tie_word_embeddings": True, "pad_token_id": 0},
+    "bert": {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+             "vocab_size": VOCAB},
+    "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64,
+             "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 64,
+             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+}
+TASK = {"llama": "sft", "qwen3": "sft", "bert": "classify", "gpt2": "sft"}
+
+
+def write_config(tmp_path, kind: str, **changes):
+    path = tmp_path / f"{kind}.json"
+    path.write_text(json.dumps({**TINY[kind], **changes}))
+    return str(path)
+
+
+def materialize(spec, dtype=torch.float32):
+    """A real model from the same config (random weights)."""
+    cls = (transformers.AutoModelForSequenceClassification if spec.task == "classify"
+           else transformers.AutoModelForCausalLM)
+    torch.manual_seed(0)
+    return cls.from_config(spec.config).to(dtype)
+
+
+def apply(model, method: str, task: str, rank=4, targets="attention", dropout=0.0):
+    if method in ("lora", "qlora"):
+        inject_lora(model, LoRAConfig(r=rank, targets=targets, dropout=dropout, task=task))
+    elif method == "head":
+        inject_lora(model, LoRAConfig(r=rank, task="classify"), target_names=[])
+    return model
+
+
+# -- parameters --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize("method", ["full", "lora", "head"])
+def test_counts_match_materialized_model(tmp_path, kind, method):
+    spec = load_spec(write_config(tmp_path, kind))
+    if method == "head" and spec.task == "sft":
+        pytest.skip("head is a classification method")
+    est = estimate(spec, EstimateConfig(method=method, precision="fp32", rank=4,
+                                        targets="all-linear", device="cpu"))
+    model = apply(materialize(spec), method, spec.task, targets="all-linear")
+    report = trainable_report(model)
+    assert est.params["total"] == report["total"]
+    assert est.params["trainable"] == report["trainable"]
+    acc = weight_account(model)
+    assert est.bytes["weights"] == acc["weights_bytes"]
+    assert est.weights_by_dtype == acc["weights_by_dtype"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_qlora_weights_match_bitsandbytes(tmp_path, kind):
+    spec = load_spec(write_config(tmp_path, kind))
+    est = estimate(spec, EstimateConfig(method="qlora", precision="fp32", rank=4,
+                                        device="cpu"))
+    model = materialize(spec)
+    quantize_model_4bit(model, compute_dtype=torch.float32)
+    apply(model, "qlora", spec.task)
+    acc = weight_account(model)
+    assert est.weights_by_dtype == acc["weights_by_dtype"]
+    assert est.params["quantized"] == acc["quantized_params"]
+    assert est.params["trainable"] == trainable_report(model)["trainable"]
+
+
+def test_optimizer_and_gradient_bytes_match_a_real_step(tmp_path):
+    spec = load_spec(write_config(tmp_path, "llama"))
+    for method, optim in (("full", "adamw"), ("lora", "adamw"), ("lora", "sgd")):
+        est = estimate(spec, EstimateConfig(method=method, precision="fp32", optimizer=optim,
+                                            rank=4, device="cpu"))
+        model = apply(materialize(spec), method, spec.task)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = (torch.optim.AdamW(params) if optim == "adamw"
+               else torch.optim.SGD(params, lr=0.1))
+        ids = torch.randint(3, VOCAB, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        opt.step()
+        state = sum(v.numel() * v.element_size() for s in opt.state.values()
+                    for v in s.values() if torch.is_tensor(v))
+        assert est.bytes["gradients"] == grads
+        assert est.bytes["optimizer"] == state
+
+
+def test_lora_params_are_rank_times_in_plus_out(tmp_path):
+    spec = load_spec(write_config(tmp_path, "llama"))
+    est = estimate(spec, EstimateConfig(method="lora", rank=8, targets="q_proj,v_proj"))
+    # q: 64 -> 64, v: 64 -> 32 (2 kv heads of 16), 2 layers
+    assert est.params["lora"] == 2 * 8 * ((64 + 64) + (64 + 32))
+    assert est.params["lora_layers"] == 4
+
+
+@pytest.mark.parametrize("name,total", [
+    ("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
+    ("mistral-7b", 7_241_732_096), ("llama-3-70b", 70_553_706_496),
+    ("smollm2-135m", 134_515_008), ("qwen3-0.6b", 596_049_920), ("gpt2", 124_439_808),
+])
+def test_preset_totals(name, total):
+    spec = load_spec(name)
+    assert estimate(spec, EstimateConfig(method="full")).params["total"] == total
+
+
+@pytest.mark.parametrize("name,base", [
+    ("bert-base-uncased", 109_482_240), ("roberta-base", 124_645_632),
+    ("distilbert-base-uncased", 66_362_880), ("minilm", 22_713_216),
+])
+def test_encoder_presets_are_base_plus_head(name, base):
+    spec = load_spec(name, num_labels=2)
+    total = estimate(spec, EstimateConfig(method="full")).params["total"]
+    h = spec.config.hidden_size
+    head = 2 * h + 2 + (h * h + h if name.startswith("distil") else 0)  # + pre_classifier
+    assert total == base + head
+
+
+# -- activations: the tape against what autograd saves -------------------------------
+
+def saved_bytes(model, inputs) -> int:
+    """Bytes of distinct storages autograd saves in one training forward."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind,method,dtype,padded,dropout", [
+    ("llama", "full", torch.float32, False, 0.0),
+    ("llama", "lora", torch.bfloat16, True, 0.0),
+    ("qwen3", "lora", torch.float32, True, 0.1),
+    ("bert", "full", torch.float32, True, 0.0),
+    ("bert", "lora", torch.bfloat16, False, 0.0),
+    ("bert", "head", torch.float32, False, 0.0),
+    ("gpt2", "full", torch.bfloat16, False, 0.0),
+    ("gpt2", "lora", torch.float32, True, 0.1),
+])
+def test_activations_match_saved_tensors(tmp_path, kind, method, dtype, padded, dropout):
+    batch, seq = 2, 24
+    spec = load_spec(write_config(tmp_path, kind))
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    cfg = EstimateConfig(method=method, precision=precision, rank=4, targets="all-linear",
+                         lora_dropout=dropout, batch_size=batch, seq_len=seq, device="cpu",
+                         padded=padded)
+    acts = Estimator(spec, cfg).activations(batch)
+    model = apply(materialize(spec, dtype), method, spec.task, targets="all-linear",
+                  dropout=dropout)
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (batch, seq))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, seq // 2:] = 0
+    labels = ids if spec.task == "sft" else torch.zeros(batch, dtype=torch.long)
+    measured = saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    expected = acts["activations"]
+    if spec.task == "sft":  # of the logits term, the loss saves fp32 log-probs + int64 labels
+        expected += batch * seq * (4 * VOCAB + 8)
+    assert expected == pytest.approx(measured, rel=0.02)
+
+
+def test_gradient_checkpointing_keeps_layer_inputs_only(tmp_path):
+    spec = load_spec(write_config(tmp_path, "llama", num_hidden_layers=6))
+    cfg = EstimateConfig(method="full", batch_size=4, seq_len=256)
+    plain = Estimator(spec, cfg).at().bytes["activations"]
+    ckpt = Estimator(spec, EstimateConfig(method="full", batch_size=4, seq_len=256,
+                                          grad_checkpointing=True)).at().bytes["activations"]
+    assert ckpt < plain / 2
+
+
+# -- the breakdown -----------------------------------------------------------------------
+
+def test_monotonic_in_batch_and_seq():
+    spec = load_spec("smollm2-135m")
+    for method in ("full", "lora", "qlora"):
+        totals_b = [estimate(spec, EstimateConfig(method=method, batch_size=b, seq_len=256))
+                    .total for b in (1, 2, 4, 8)]
+        totals_s = [estimate(spec, EstimateConfig(method=method, batch_size=2, seq_len=s))
+                    .total for s in (64, 128, 512, 2048)]
+        assert totals_b == sorted(totals_b) and len(set(totals_b)) == 4
+        assert totals_s == sorted(totals_s) and len(set(totals_s)) == 4
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "minilm", "gpt2"])
+def test_qlora_below_lora_below_full(name):
+    spec = load_spec(name)
+    cfg = {"batch_size": 1, "seq_len": 256, "grad_checkpointing": True}
+    t = {m: estimate(spec, EstimateConfig(method=m, **cfg)).total
+         for m in ("full", "lora", "qlora")}
+    assert t["qlora"] < t["lora"] < t["full"]
+
+
+def test_nf4_costs_4_127_bits_per_weight():
+    spec = load_spec("llama-2-7b")
+    est = estimate(spec, EstimateConfig(method="qlora"))
+    bits = 8 * (est.weights_by_dtype["nf4"] + est.weights_by_dtype["nf4_quant_state"]) \
+        / est.params["quantized"]
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)  # QLoRA §3
+
+
+def test_bytes_per_param_of_published_tables():
+    rows = explain_rows(load_spec("llama-2-7b"))
+    full = [r for r in rows if r["states_only"]]
+    assert [r["bytes_per_param"] for r in full] == pytest.approx([12, 16, 16, 24], abs=1e-3)
+    assert [r["nominal_7b_bytes"] / 1e9 for r in full] == pytest.approx([84, 112, 112, 168])
+    assert all(r["states_bytes"] < r["nominal_7b_bytes"] for r in full)  # 6.74e9 < 7e9
+    qlora = next(r for r in rows if "QLoRA r=16" in r["assumption"])
+    assert 4e9 <= qlora["peak_bytes"] <= 6e9
+
+
+def test_max_batch_size_is_the_largest_that_fits():
+    est = Estimator(load_spec("llama-2-7b"), EstimateConfig(method="qlora", seq_len=512))
+    cap = parse_size("24GB")
+    b = est.max_batch_size(cap)
+    assert b >= 1
+    assert est.at(b).total <= cap < est.at(b + 1).total
+    assert est.max_batch_size(10**6) == 0
+
+
+def test_adamw_8bit_keeps_small_tensors_in_fp32(tmp_path):
+    spec = load_spec(write_config(tmp_path, "llama"))
+    est = estimate(spec, EstimateConfig(method="full", optimizer="adamw-8bit"))
+    numels = [p.numel() for p in spec.model.parameters()]
+    expect = sum(8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / 256) for n in numels)
+    assert est.bytes["optimizer"] == expect
+
+
+def test_parse_size_units():
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("80") == 80 * 10**9
+    assert parse_size("1.5 TB") == 1.5e12
+
+
+# -- the command -------------------------------------------------------------------------
+
+def run_cli(args, capsys) -> str:
+    try:
+        main(args)
+    except SystemExit as exc:  # success may return or exit 0
+        assert exc.code in (0, None), capsys.readouterr()
+    return capsys.readouterr().out
+
+
+def test_cli_json_all_methods(capsys):
+    out = run_cli(["estimate", "--model", "minilm", "--gpu", "8GB", "--json"], capsys)
+    data = json.loads(out)
+    assert [e["method"] for e in data["estimates"]] == ["full", "lora", "qlora", "head"]
+    for e in data["estimates"]:
+        assert set(e["bytes"]) >= {"weights", "gradients", "optimizer", "activations",
+                                   "total", "master_weights", "overhead"}
+        assert e["gpu"]["fits"] and e["gpu"]["max_batch_size"] >= 16
+
+
+def test_cli_table_and_explain(capsys):
+    out = run_cli(["estimate", "--model", "smollm2-135m", "--method", "qlora",
+                   "--gpu", "4GB"], capsys)
+    assert "qlora" in out and "nf4" in out and "largest batch" in out
+    out = run_cli(["estimate", "--explain"], capsys)
+    assert "84.00 GB" in out and "112.00 GB" in out and "168.00 GB" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "llama-9z"], "unknown model preset"),
+    (["--model", "gpt2", "--batch-size", "0"], "batch_size"),
+    (["--model", "gpt2", "--seq-len", "-4"], "seq_len"),
+    (["--model", "gpt2", "--gpu", "24XB"], "memory size"),
+    (["--model", "gpt2", "--method", "head"], "head"),
+    (["--model", "minilm", "--task", "sft"], "encoder"),
+    (["--model", "gpt2", "--targets", "nope_proj"], "match no linear layer"),
+])
+def test_bad_input_exits_2(capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_missing_fields_exits_2(tmp_path, capsys):
+    fields = {k: v for k, v in TINY["llama"].items() if k != "hidden_size"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--model", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "lacks hidden_size" in capsys.readouterr().err
+
+
+def test_hub_id_offline_names_presets(monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--model", "some-org/not-a-model-xyz"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "llama-2-7b" in err and "offline" in err
