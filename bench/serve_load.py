@@ -1,7 +1,9 @@
 """Load test for ``loralab serve``: concurrent requests over several adapters.
 
     .venv/bin/python bench/serve_load.py                      # tiny Llama, 200 requests
-    .venv/bin/python bench/serve_load.py --model smollm2-135m --requests 48 --max-tokens 8
+    .venv/bin/python bench/serve_load.py --model smollm2-135m --requests 200 --max-tokens 8
+    .venv/bin/python bench/serve_load.py --max-batch 16 --threads 2   # torch threads
+    .venv/bin/python bench/serve_load.py --loop-vs-generate           # decoding loop only
 
 What it does, on loopback only, bounded in count and time:
 
@@ -233,6 +235,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, *lines])
 
 
+def loop_vs_generate(model: str, tokens: int = 100, repeats: int = 5) -> str:
+    """Time loralab's decoding loop against transformers' ``model.generate``
+    (greedy, same prompt, interleaved repeats); check they give the same tokens."""
+    import torch
+
+    from loralab.generation import SamplingParams, encode_prompt, generate, load_for_generation
+
+    lm, tok = load_for_generation(model)
+    ids = encode_prompt(tok, prompts(1)[0])
+    ours, theirs = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mine = generate(lm, tok, ids, SamplingParams(max_tokens=tokens)).token_ids
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = lm.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
+                          do_sample=False)[0, len(ids):].tolist()
+        theirs.append(time.perf_counter() - t)
+    same = mine == ref
+    return (f"{tokens} tokens, median of {repeats}: loralab loop {sorted(ours)[repeats // 2]:.3f} s, "
+            f"model.generate {sorted(theirs)[repeats // 2]:.3f} s, same tokens: {same}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (built here) or a model name/dir")
@@ -243,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per server run")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--loop-vs-generate", action="store_true",
+                    help="only time the decoding loop against model.generate")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -251,6 +278,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         root = Path(tmp)
         model = str(tiny_llama(root)) if args.model == "tiny" else args.model
+        if args.loop_vs_generate:
+            print(loop_vs_generate(model))
+            return 0
         adapters = make_adapters(model, root / "adapters", ["a1", "a2", "a3", "a4"])
         texts = prompts(args.prompts)
         t = time.perf_counter()

@@ -30,6 +30,10 @@ def cmd(model, adapters, host, port, api_key, adapter_root, max_batch, threads):
                          port=port, api_key=api_key, adapter_root=adapter_root,
                          max_batch=max_batch or DEFAULT_MAX_BATCH, threads=threads)
     names = ", ".join(config.adapters) or "none"
-    Console(stderr=True).print(f"[bold]loralab serve[/] {model} (adapters: {names}) on "
+    console = Console(stderr=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who "
+                      "can reach this port can generate, load and unload adapters.")
+    console.print(f"[bold]loralab serve[/] {model} (adapters: {names}) on "
                                f"http://{host}:{port}  docs: http://{host}:{port}/docs")
     run(config)

@@ -22,8 +22,8 @@ from loralab.serve.engine import CallJob, ServedModel, Worker
 from loralab.serve.registry import ApiError, Entry, Registry
 
 # Rows decoded together. Measured on a 2-core CPU (BENCHMARKS.md, "Serving:
-# load test"): batching across adapters with per-row routing beats one
-# request at a time on throughput and tail latency.
+# load test"): batching across adapters with per-row routing served 3.5-5.8x
+# the requests/s of one request at a time; gains stop past 16 rows.
 DEFAULT_MAX_BATCH = 16
 
 
@@ -53,8 +53,9 @@ def default_threads() -> int:
     """All cores but one for torch; the event loop (HTTP, tokenizing) keeps one.
 
     Measured on a busy 2-core machine (BENCHMARKS.md, "Serving: load test"):
-    two torch threads competing with the HTTP thread and other processes ran
-    4-10x slower than one, as OpenMP workers spin while waiting for a core.
+    with two torch threads competing with the HTTP thread and other processes
+    the load test ran about 15x slower than with one, as OpenMP workers spin
+    while waiting for a core.
     """
     return max(1, (os.cpu_count() or 2) - 1)
 
