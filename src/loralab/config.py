@@ -57,8 +57,13 @@ class TrainConfig:
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
-    batch_size: int | None = None  # None: 16 classify, 8 sft (LM logits are B x T x vocab)
+    # per process; None: 16 classify, 8 sft (LM logits are B x T x vocab)
+    batch_size: int | None = None
     grad_accum: int = 1
+    # examples per optimizer step over all processes (batch x grad_accum x world size);
+    # when set, the per-process batch is derived from it and must divide evenly
+    global_batch_size: int | None = None
+    fsdp: bool = False  # shard weights, gradients and optimizer state over GPUs (FSDP2)
     lr: float | None = None  # None: DEFAULT_LR[method]
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06  # RoBERTa paper's 6 % warmup
@@ -95,6 +100,11 @@ class TrainConfig:
             self.max_length = 128 if self.task == "classify" else 512
         if self.metric is None:
             self.metric = "f1" if self.task == "classify" else "loss"
+        if self.global_batch_size is not None:
+            from loralab.train.distributed import per_process_batch, world_size
+
+            self.batch_size = per_process_batch(self.global_batch_size, self.grad_accum,
+                                                self.batch_size, world_size())
         if self.batch_size is None:
             self.batch_size = 16 if self.task == "classify" else 8
         if self.eval_batch_size is None:

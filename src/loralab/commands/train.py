@@ -24,6 +24,7 @@ OPTIONS = [
     ("--max-steps", int, "Optimizer steps (overrides --epochs)."),
     ("--batch-size", int, "Examples per micro-batch (per process)."),
     ("--grad-accum", int, "Micro-batches per optimizer step."),
+    ("--global-batch-size", int, "Examples per step, all processes (batch x accum x procs)."),
     ("--lr", float, "Peak learning rate (default per method)."),
     ("--weight-decay", float, "AdamW weight decay."),
     ("--warmup-ratio", float, "Fraction of steps of linear warmup."),
@@ -48,6 +49,8 @@ def _add_options(func):
 @_add_options
 @click.option("--gradient-checkpointing", is_flag=True, default=None,
               help="Recompute activations in backward to save memory.")
+@click.option("--fsdp", is_flag=True, default=None,
+              help="Shard weights, gradients and optimizer state over the GPUs (FSDP).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), default=None,
               help="Continue the interrupted run in DIR from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run dir.")
@@ -59,12 +62,14 @@ def cmd(args, resume, as_json, **options):
     arguments: minilm + LoRA on the built-in support tickets."""
     from loralab.config import build_config
     from loralab.train import run_training
+    from loralab.train.distributed import failure_barrier
     from loralab.train.summary import print_summary
 
     yaml_path, overrides = _split_args(args)
     given = {k: v for k, v in options.items() if v is not None}
-    cfg = build_config(yaml_path, overrides, given)
-    run_dir = run_training(cfg, resume=resume)
+    with failure_barrier():  # under torchrun: one error line (rank 0's) for all ranks
+        cfg = build_config(yaml_path, overrides, given)
+        run_dir = run_training(cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun/accelerate launch
         print_summary(run_dir, as_json=as_json)
 

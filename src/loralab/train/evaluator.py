@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from loralab.data.batching import collate, plan_batches
 from loralab.data.encode import IGNORE, Encoded
+from loralab.train.distributed import rank_batches
 from loralab.train.metrics import classification_metrics, lm_metrics
 
 
@@ -30,7 +31,7 @@ class Evaluator:
         # longest first, so padding inside a batch is minimal
         batches = plan_batches(enc.lengths, self.batch_size, 0, 0, shuffle=False)
         rows = []
-        for idx in batches[self.rank::self.world]:
+        for idx in rank_batches(batches, self.rank, self.world):  # same count on every rank
             batch = collate(enc, idx, self.pad_id, self.multiple)
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loralab.data.batching import collate, count_targets, plan_batches, plan_steps, shard
+from loralab.data.batching import collate, count_targets, plan_batches, plan_steps
 from loralab.data.encode import IGNORE, Encoded
+from loralab.errors import LoralabError
 from loralab.train import checkpoint as ckpt
+from loralab.train.distributed import local_rows
 from loralab.train.evaluator import Evaluator
 from loralab.train.memory import gradient_bytes, optimizer_bytes
 from loralab.train.optim import make_optimizer, make_scheduler, trainable_parameters
@@ -41,6 +43,7 @@ class LoopState:
     best_step: int | None = None
     gradients_bytes: int = 0
     optimizer_bytes: int = 0
+    world: int = 1  # processes: a resumed run must split its batches the same way
 
 
 class Loop:
@@ -62,7 +65,7 @@ class Loop:
         self.scheduler = make_scheduler(self.optimizer, cfg.scheduler, self.warmup,
                                         self.total_steps)
         self.params = [p for _, p in trainable_parameters(self.model)]
-        self.state = LoopState()
+        self.state = LoopState(world=self.world)
         self.multiple = 8 if accelerator.device.type == "cuda" else 1  # tensor-core tiles
         self.evaluator = Evaluator(self.model, accelerator, pad_id, cfg.eval_batch_size,
                                    label_names)
@@ -100,15 +103,14 @@ class Loop:
         loss_total = torch.zeros((), device=self.acc.device)
         tokens = 0
         for j, idx in enumerate(micro):
-            local = shard(idx, self.rank, self.world)
-            tokens += sum(len(enc.input_ids[i]) for i in local)
-            if not local:
-                continue
+            # weight 0: a rank left without a row still joins the gradient all-reduce
+            local, weight = local_rows(idx, self.rank, self.world)
+            tokens += sum(len(enc.input_ids[i]) for i in local) if weight else 0
             batch = self._to_device(collate(enc, local, self.pad_id, self.multiple))
             sync = j == len(micro) - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
             with ctx, self.acc.autocast():
-                loss_sum = self.loss_sum(batch)
+                loss_sum = self.loss_sum(batch) * weight
                 # DDP averages gradients over ranks, so scale by world size
                 self.acc.backward(loss_sum * (self.world / max(n_global, 1)))
             loss_total += loss_sum.detach()
@@ -226,6 +228,12 @@ class Loop:
         saved = ckpt.load_checkpoint(run_dir / "checkpoint", self.acc.unwrap_model(self.model),
                                      self.optimizer, self.scheduler)
         self.state = LoopState(**saved)
+        if self.state.world != self.world:
+            raise LoralabError(
+                f"the run in {run_dir} was trained by {self.state.world} process(es) and this "
+                f"launch has {self.world}; batches would be split differently. Resume it with "
+                f"{self.state.world} (e.g. `torchrun --nproc_per_node {self.state.world} -m "
+                "loralab train --resume ...`).")
         if self.is_main:
             truncate_log(run_dir / "log.jsonl", self.state.step)
 

@@ -19,7 +19,7 @@ from loralab.data.encode import Encoded, encode_text_blocks
 from loralab.data.tables import read_text_file
 from loralab.errors import LoralabError
 from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
-from loralab.train import rundir
+from loralab.train import distributed, rundir
 from loralab.train.loop import Loop
 from loralab.train.memory import peak_process_memory, reset_peak, tensor_account
 from loralab.train.methods import load_for_method, quiet_transformers
@@ -41,7 +41,8 @@ def make_accelerator(cfg: TrainConfig):
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     if mp == "fp16" and not cuda:
         raise LoralabError("mixed_precision=fp16 needs a CUDA GPU. Use mixed_precision=no on CPU.")
-    return Accelerator(cpu=not cuda, mixed_precision=mp)
+    return Accelerator(cpu=not cuda, mixed_precision=mp,
+                       **distributed.accelerator_kwargs(cfg, cuda))
 
 
 def _resume_config(run_dir: Path, quiet: bool) -> TrainConfig:
@@ -103,16 +104,23 @@ def _data_notes(cfg: TrainConfig, prep, splits) -> list[str]:
 
 def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train as ``cfg`` says (or continue the interrupted run in ``resume``);
-    returns the run directory."""
+    returns the run directory. Under torchrun/accelerate launch every process
+    calls this; a process that fails stops them all (``failure_barrier``)."""
+    with distributed.failure_barrier() as stop:
+        return _run(cfg, resume, stop)
+
+
+def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     from accelerate.utils import set_seed
 
     if resume is not None:
         cfg = _resume_config(Path(resume), cfg.quiet)
     cfg.resolve()
+    acc = make_accelerator(cfg)  # first: from here on a failing rank can tell the others
+    backend_notes = distributed.adapt_to_backend(cfg, acc)
     prep = prepare_data(cfg)
-    acc = make_accelerator(cfg)
     run_dir = Path(cfg.output) if cfg.output else _shared_default_output(cfg, acc)
-    cfg.output = str(run_dir)
+    cfg.output = stop.run_dir = str(run_dir)
     if resume is None:
         rundir.check_output(run_dir, cfg)
     acc.wait_for_everyone()
@@ -123,7 +131,7 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     length = min(cfg.max_length, limit) if limit else cfg.max_length
     splits = encode_splits(prep, tok, length)
     general = _general_text(cfg, tok, length)
-    notes = _data_notes(cfg, prep, splits)
+    notes = backend_notes + _data_notes(cfg, prep, splits)
     if length < cfg.max_length:
         notes.insert(0, f"max_length={cfg.max_length} exceeds the model's {limit} positions; "
                         f"sequences are cut to {limit} tokens.")
@@ -139,8 +147,10 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     _fit(loop, run_dir, resume is not None)
     loop.restore_best()
     results = _final_eval(loop, splits, general, before)
-    if acc.is_main_process:
-        _save(loop, cfg, tok, run_dir, prep, splits, results)
+    # sharded (FSDP) weights are gathered for the save; every rank takes part
+    with distributed.whole_trainable(acc.unwrap_model(loop.model), keep=acc.is_main_process):
+        if acc.is_main_process:
+            _save(loop, cfg, tok, run_dir, prep, splits, results)
     acc.wait_for_everyone()
     return run_dir
 
