@@ -33,6 +33,14 @@ PROMPTS = ["hello world", "the quick brown fox", "refund my order please",
            "why does the app crash"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _keep_torch_threads():
+    """A server sets torch's thread count for the process; give it back after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
