@@ -92,3 +92,12 @@ def test_routing_gives_each_row_its_own_adapter():
     assert all("a" not in m.lora_A for m in model.modules() if isinstance(m, LoRALinear))
     with pytest.raises(LoralabError, match="no adapter named 'a'"):
         set_active_adapter(model, "a")
+
+
+def test_presets_still_match_layers_that_already_hold_an_adapter():
+    model = BUILDERS["llama"]()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets="attention"), adapter_name="a")
+    assert len(find_targets(model, "attention")) == 8
+    inject_lora(model, LoRAConfig(r=2, alpha=4, targets="attention"), adapter_name="b")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert set(layer.lora_A) == {"a", "b"} and not isinstance(layer.base_layer, LoRALinear)

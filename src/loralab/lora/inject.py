@@ -11,6 +11,7 @@ import contextlib
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from loralab.errors import LoralabError
@@ -74,8 +75,13 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if is_linear(m) and ".lora_" not in n
-            and ".modules_to_save." not in n]
+    """Names of the model's linear layers; a layer already wrapped by
+    LoRALinear is named by its wrapper, so presets still match it."""
+    def plain(n, m):
+        return (is_linear(m) and ".lora_" not in n and ".modules_to_save." not in n
+                and not n.endswith(".base_layer"))
+
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear) or plain(n, m)]
 
 
 def _model_type(model: nn.Module) -> str:
@@ -244,14 +250,25 @@ def adapter_routing(model: nn.Module, names: list[str | None]):
     Lets one forward pass serve requests for different adapters together.
     """
     names = [None if n == "base" else n for n in names]
+    groups = route_groups(names)
     layers = adapter_layers(model)
     for layer in layers:
         layer.routing = names
+        layer.route_groups = groups
     try:
         yield model
     finally:
         for layer in layers:
             layer.routing = None
+            layer.route_groups = None
+
+
+def route_groups(names: list[str | None]) -> list[tuple[str | None, torch.Tensor]]:
+    """``[(adapter, row indices)]`` for a routing list, computed once per batch."""
+    rows: dict[str | None, list[int]] = {}
+    for i, name in enumerate(names):
+        rows.setdefault(name, []).append(i)
+    return [(name, torch.tensor(idx, dtype=torch.long)) for name, idx in rows.items()]
 
 
 def lora_shapes(model: nn.Module, names: list[str]) -> list[tuple[str, int, int]]:

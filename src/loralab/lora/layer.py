@@ -61,6 +61,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.routing: list[str | None] | None = None  # per-row adapter names
+        self.route_groups = None  # [(adapter, row indices)], set with routing
         self.merged_adapter: str | None = None
         self._unmerged_base = None  # what merge() replaced, restored bit-exactly
 
@@ -123,12 +124,11 @@ class LoRALinear(nn.Module):
         if len(self.routing) != x.shape[0]:
             raise ValueError(f"routing names {len(self.routing)} rows, batch has {x.shape[0]}")
         delta = torch.zeros_like(result)
-        for name in dict.fromkeys(self.routing):
+        for name, idx in self.route_groups or ():
             if name is None or name not in self.lora_A:
                 continue
-            rows = [i for i, n in enumerate(self.routing) if n == name]
-            idx = torch.tensor(rows, device=x.device)
-            delta[idx] = self._lora(name, x[idx]).to(result.dtype)
+            idx = idx.to(x.device)
+            delta[idx] = self._lora(name, x[idx]).to(result.dtype)  # (rows, T, out)
         return result + delta
 
     # -- merge --------------------------------------------------------------
@@ -148,7 +148,8 @@ class LoRALinear(nn.Module):
         if self.merged_adapter is not None:
             self.unmerge()
         if is_4bit(self.base_layer):
-            self._unmerged_base = self.base_layer
+            # kept outside _modules: not part of the state dict while merged
+            object.__setattr__(self, "_unmerged_base", self.base_layer)
             self.base_layer = self._dequantized_linear(name)
         else:
             weight = self.base_layer.weight
@@ -213,6 +214,7 @@ class ModulesToSave(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.routing: list[str | None] | None = None
+        self.route_groups = None
 
     def add_adapter(self, name: str) -> None:
         import copy
@@ -238,9 +240,8 @@ class ModulesToSave(nn.Module):
         if self.routing is None or self.disabled:
             return self._module(self.active_adapter)(x, *args, **kwargs)
         outs = [None] * x.shape[0]
-        for name in dict.fromkeys(self.routing):
-            rows = [i for i, n in enumerate(self.routing) if n == name]
-            out = self._module(name)(x[rows], *args, **kwargs)  # (rows, ...)
-            for j, i in enumerate(rows):
+        for name, idx in self.route_groups or ():
+            out = self._module(name)(x[idx.to(x.device)], *args, **kwargs)  # (rows, ...)
+            for j, i in enumerate(idx.tolist()):
                 outs[i] = out[j]
         return torch.stack(outs)
