@@ -337,3 +337,17 @@ def test_hub_id_offline_names_presets(monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "llama-2-7b" in err and "offline" in err
+
+
+def test_reproduces_korthikanti_per_layer_formula():
+    """Korthikanti et al. 2022 §4.1: a GPT/BERT layer in 16-bit with 1-byte dropout
+    masks and unfused attention keeps sbh(34 + 5as/h) bytes (+ the LayerNorm stats)."""
+    spec = load_spec("bert-base-uncased")
+    spec.model.config._attn_implementation = "eager"
+    seq = 512
+    est = Estimator(spec, EstimateConfig(method="full", precision="bf16", seq_len=seq,
+                                         device="cuda"))
+    per_layer = est.profile(1).per_token_layers
+    h, a = 768, 12
+    assert len(per_layer) == 12
+    assert all(b == 34 * h + 5 * a * seq + 2 * 8 for b in per_layer)  # 2 LNs x (mean, rstd)

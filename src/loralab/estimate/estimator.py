@@ -90,14 +90,18 @@ class Estimator:
                       attn_impl=getattr(self.spec.model.config, "_attn_implementation", "sdpa")
                       or "sdpa")
 
-    def activations(self, batch: int) -> dict:
+    def profile(self, batch: int):
+        """Bytes per token each layer saves (``activations.Activations``)."""
         padded = self.cfg.padded
         if padded is None:
             padded = batch > 1  # batches of several texts are padded to the longest
         if padded not in self._acts:
             self._acts[padded] = count_activations(self.arch, self.regime(padded),
                                                    self.spec.task, self.spec.num_labels)
-        return self._acts[padded].total(batch, self.cfg.seq_len, self.cfg.grad_checkpointing)
+        return self._acts[padded]
+
+    def activations(self, batch: int) -> dict:
+        return self.profile(batch).total(batch, self.cfg.seq_len, self.cfg.grad_checkpointing)
 
     def workspace(self, batch: int) -> int:
         """One layer's gradients in flight, plus the largest NF4 weight
@@ -168,7 +172,8 @@ class Estimator:
             out.append("gradient checkpointing: each layer keeps its input; one layer "
                        "is recomputed at a time")
         out.append("peak = weights + master + optimizer + max(activations + logits + "
-                   "workspace, gradients) + mapped checkpoint (CPU QLoRA) + overhead")
+                   "workspace, gradients) + "
+                   + ("mapped checkpoint + " if self.mapped_checkpoint() else "") + "overhead")
         out.append("overhead: " + ("CUDA context ~0.5 GB" if cfg.device == "cuda"
                                    else "CPU process of `loralab train` (measured, BENCHMARKS.md)")
                    if cfg.overhead else "overhead: not counted")

@@ -34,7 +34,7 @@ def build_report(model: str | None, method: str, *, task=None, num_labels=2, pre
     if spec.task == "sft" and method == "all":
         methods.remove("head")  # a head alone is a classifier
     precision = precision or ("bf16-mixed" if device == "cuda" else "fp32")
-    out = {"model": model, "source": spec.source, "hub_id": spec.hub_id,
+    out = {"model": model, "source": spec.source, "origin": spec.hub_id,
            "model_type": spec.model_type, "task": spec.task, "estimates": []}
     for m in methods:
         cfg = EstimateConfig(method=m, precision=precision, optimizer=optimizer,

@@ -34,7 +34,7 @@ REQUIRED_KEYS = {
 class ModelSpec:
     name: str  # what the user gave
     source: str  # "preset" | "local" | "hub"
-    hub_id: str  # the publisher's id for presets, else the name
+    hub_id: str  # the publisher's hub id (presets), the config path, or the hub id given
     config: object  # transformers.PretrainedConfig
     task: str  # "classify" | "sft"
     num_labels: int
