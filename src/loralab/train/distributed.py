@@ -154,6 +154,23 @@ def accelerator_kwargs(cfg, cuda: bool) -> dict:
     return {}
 
 
+def fit_wrap_policy(accelerator, model: torch.nn.Module) -> None:
+    """One FSDP unit per block class in ``model._no_split_modules``, leaving out
+    a class that holds the input embedding (BERT's ``BertEmbeddings``):
+    accelerate gives the embedding a unit of its own, and an embedding already
+    sharded inside another unit cannot be sharded again."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type.name != "FSDP" or plugin is None:
+        return
+    if plugin.transformer_cls_names_to_wrap:
+        return  # an accelerate config named them: keep its choice
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    keep = {type(m).__name__ for m in model.modules() if type(m).__name__ in names
+            and not (embed is not None and any(c is embed for c in m.modules()))}
+    plugin.transformer_cls_names_to_wrap = sorted(keep)
+
+
 def is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -244,24 +261,42 @@ def whole_trainable(model: torch.nn.Module, keep: bool = True, writeback: bool =
     ranks keep) rank 0's whole tensors are scattered back into the shards on
     exit, after weights were loaded into them. Without sharding: a no-op.
     """
-    swapped = []
+    _reshard(model)
+    swapped, wholes = [], {}  # wholes: one per shard, so tied weights stay tied
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None or not p.requires_grad or not _is_dtensor(p):
                 continue
-            whole = p.detach().full_tensor()  # all-gather: every rank, same order
-            if keep or writeback:
-                param = torch.nn.Parameter(whole.cpu(), requires_grad=True)
-                module._parameters[name] = param
-                swapped.append((module, name, p, param))
-            del whole
+            if id(p) not in wholes:
+                whole = p.detach().full_tensor()  # all-gather: every rank, same order
+                wholes[id(p)] = (torch.nn.Parameter(whole.cpu(), requires_grad=True)
+                                 if keep or writeback else None)
+                del whole
+            if wholes[id(p)] is not None:
+                module._parameters[name] = wholes[id(p)]
+                swapped.append((module, name, p))
     try:
         yield model
     finally:
-        for module, name, shard, param in swapped:
-            if writeback:
-                _scatter_into(shard, param.detach())
+        done = set()
+        for module, name, shard in swapped:
+            if writeback and id(shard) not in done:
+                _scatter_into(shard, wholes[id(shard)].detach())
+                done.add(id(shard))
             module._parameters[name] = shard
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit back to its sharded parameters (a unit that keeps
+    its weights gathered after forward, like the root, holds plain tensors
+    until its backward; after the last eval there is none)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _scatter_into(shard, whole: torch.Tensor) -> None:

@@ -21,7 +21,9 @@ class Evaluator:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.multiple = 8 if accelerator.device.type == "cuda" else 1
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: FSDP2 keeps the gathered weight buffers it makes
+    # in the first forward, and inference tensors cannot be used by training later
+    @torch.no_grad()
     def evaluate(self, enc: Encoded) -> dict:
         """Metrics on ``enc`` (classification scores, or LM loss and perplexity)."""
         from accelerate.utils import gather_object

@@ -127,6 +127,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     reset_peak(acc.device.type)
     set_seed(cfg.seed)
     model, tok = load_for_method(cfg, acc.device.type, prep.label_map)
+    distributed.fit_wrap_policy(acc, model)
     limit = max_positions(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length
     splits = encode_splits(prep, tok, length)
