@@ -51,7 +51,14 @@ def peak_process_memory(device: str) -> dict:
     return {"device": "cpu", "peak_rss_bytes": hwm}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of an FSDP2 DTensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _nbytes(t: torch.Tensor) -> int:
+    t = _local(t)
     return t.numel() * t.element_size()
 
 
@@ -75,6 +82,7 @@ def weight_account(model: torch.nn.Module) -> dict:
     quant_params = 0
 
     def add(key: str, t: torch.Tensor) -> None:
+        t = _local(t)  # per process: a sharded weight counts its shard
         ptr = t.data_ptr()
         if t.numel() == 0 or ptr in seen:
             return

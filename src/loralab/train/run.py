@@ -148,10 +148,12 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     _fit(loop, run_dir, resume is not None)
     loop.restore_best()
     results = _final_eval(loop, splits, general, before)
+    s = loop.state  # the tensor account is per process: taken before any gathering
+    tensors = tensor_account(acc.unwrap_model(loop.model), s.gradients_bytes, s.optimizer_bytes)
     # sharded (FSDP) weights are gathered for the save; every rank takes part
     with distributed.whole_trainable(acc.unwrap_model(loop.model), keep=acc.is_main_process):
         if acc.is_main_process:
-            _save(loop, cfg, tok, run_dir, prep, splits, results)
+            _save(loop, cfg, tok, run_dir, prep, splits, dict(results, tensors=tensors))
     acc.wait_for_everyone()
     return run_dir
 
@@ -219,7 +221,8 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
     s = loop.state
     report = trainable_report(model)
     peak = peak_process_memory(loop.acc.device.type)
-    peak["tensors"] = tensor_account(model, s.gradients_bytes, s.optimizer_bytes)
+    peak["tensors"] = results.get("tensors") or tensor_account(model, s.gradients_bytes,
+                                                               s.optimizer_bytes)
     lora = cfg.method in ("lora", "qlora")
     step_seconds = max(s.train_seconds - s.eval_seconds, 1e-9)
     metrics = {
