@@ -351,3 +351,19 @@ def test_reproduces_korthikanti_per_layer_formula():
     h, a = 768, 12
     assert len(per_layer) == 12
     assert all(b == 34 * h + 5 * a * seq + 2 * 8 for b in per_layer)  # 2 LNs x (mean, rstd)
+
+
+def test_precisions_bytes_per_param():
+    spec = load_spec("llama-2-7b")
+    n = estimate(spec, EstimateConfig(method="full")).params["total"]
+    per = {}
+    for p in ("fp32", "bf16", "bf16-mixed", "amp-bf16"):
+        b = estimate(spec, EstimateConfig(method="full", precision=p, batch_size=1)).bytes
+        per[p] = (b["weights"], b["master_weights"], b["gradients"])
+    # weights also hold the rotary-frequency buffers (a few hundred bytes)
+    assert per["fp32"] == pytest.approx((4 * n, 0, 4 * n), rel=1e-6)
+    assert per["bf16"] == pytest.approx((2 * n, 0, 2 * n), rel=1e-6)
+    assert per["bf16-mixed"] == pytest.approx((2 * n, 4 * n, 2 * n), rel=1e-6)
+    assert per["amp-bf16"] == pytest.approx((4 * n, 0, 4 * n), rel=1e-6)  # + cast copies
+    lora = estimate(spec, EstimateConfig(method="lora", precision="amp-bf16", batch_size=1))
+    assert lora.bytes["weights"] >= 4 * n  # `loralab train` keeps an fp32 base

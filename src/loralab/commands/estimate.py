@@ -16,8 +16,9 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
 @click.option("--task", type=click.Choice(["classify", "sft"]), default=None,
               help="Default: classify for encoders, sft for decoders.")
 @click.option("--num-labels", type=int, default=2, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed", "bf16"]), default=None,
-              help="Default: bf16-mixed on cuda, fp32 on cpu (as `loralab train`).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed", "bf16", "amp-bf16"]),
+              default=None, help="Default: bf16-mixed on cuda, fp32 on cpu. amp-bf16 is "
+              "what `loralab train` does on a GPU (fp32 model, bf16 autocast).")
 @click.option("--optimizer", type=click.Choice(["adamw", "adamw-8bit", "sgd", "sgd-momentum"]),
               default="adamw", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)

@@ -104,11 +104,13 @@ class Estimator:
         return self.profile(batch).total(batch, self.cfg.seq_len, self.cfg.grad_checkpointing)
 
     def workspace(self, batch: int) -> int:
-        """One layer's gradients in flight, plus the largest NF4 weight
-        dequantized to the compute dtype (bitsandbytes does it per matmul)."""
+        """One layer's gradients in flight, the largest NF4 weight dequantized to
+        the compute dtype (bitsandbytes does it per matmul) and autocast's cast
+        copies of the trainable weights."""
         a, act = self.arch, self.cfg.prec.act
         ws = batch * self.cfg.seq_len * (a.hidden + a.intermediate) * act
-        return int(ws + act * self._dequant)
+        cast = self.cfg.prec.autocast_cache * self._params["trainable"]
+        return int(ws + act * self._dequant + cast)
 
     def overhead(self) -> int:
         if not self.cfg.overhead:

@@ -49,6 +49,7 @@ class Precision:
     master: int  # extra fp32 copy of the trainable weights (0: none)
     act: int  # activations
     note: str
+    autocast_cache: int = 0  # torch.autocast keeps a cast copy of each trainable weight
 
 
 PRECISIONS = {
@@ -58,6 +59,11 @@ PRECISIONS = {
     # ZeRO (Rajbhandari et al. 2020) §3.1 / Megatron: 2 + 2 + (4 + 4 + 4) = 16 B/param
     "bf16-mixed": Precision("bf16-mixed", 2, 2, 4, 2,
                             "bf16 weights, gradients and activations; fp32 master weights"),
+    # what `loralab train` does on a GPU: fp32 model, bf16 autocast (HF's "model
+    # memory anatomy" counts it as 4 + 2 weights + 4 grads + 8 Adam = 18 B/param)
+    "amp-bf16": Precision("amp-bf16", 4, 4, 0, 2,
+                          "fp32 weights and gradients, bf16 autocast (cast copies of the "
+                          "trainable weights live through the step)", autocast_cache=2),
 }
 
 # Optimizer state bytes per trainable parameter
