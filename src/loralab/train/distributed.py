@@ -229,14 +229,15 @@ def local_rows(batch: list[int], rank: int, world: int) -> tuple[list[int], floa
 
 
 def rank_batches(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
-    """Every ``world``-th batch from ``rank``, padded with repeats to the same count
-    on every rank (sharded weights are gathered in each forward, so all ranks
-    must run the same number of forwards); the evaluator drops repeated rows."""
+    """Every ``world``-th batch from ``rank``, padded to the same count on every
+    rank with repeats of the last batch (the shortest in a length-sorted plan):
+    sharded weights are gathered in each forward, so all ranks must run the
+    same number of forwards. The evaluator drops repeated rows."""
+    if not batches:
+        return []
     mine = batches[rank::world]
     count = -(-len(batches) // world)  # ceil
-    while batches and len(mine) < count:
-        mine.append(batches[len(mine) % len(batches)])
-    return mine
+    return mine + [batches[-1]] * (count - len(mine))
 
 
 # ---- whole weights out of shards ------------------------------------------------------
