@@ -328,6 +328,35 @@ def test_backend_checks_on_gpus(monkeypatch):
             distributed.check_backend(cfg, cuda=True)
 
 
+def test_deepspeed_config_is_checked_and_filled():
+    def accelerator(stage, **ds):
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=ds)
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    cfg = SimpleNamespace(batch_size=4, max_grad_norm=0.5)
+    acc = accelerator(2, gradient_accumulation_steps="auto",
+                      train_micro_batch_size_per_gpu="auto", gradient_clipping="auto")
+    distributed._fit_deepspeed(cfg, acc)
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_clipping"] == 0.5
+    with pytest.raises(LoralabError, match="ZeRO stage 3"):
+        distributed._fit_deepspeed(cfg, accelerator(3))
+    with pytest.raises(LoralabError, match="gradient_accumulation_steps=4"):
+        distributed._fit_deepspeed(cfg, accelerator(2, gradient_accumulation_steps=4))
+    with pytest.raises(LoralabError, match="optimizer or scheduler"):
+        distributed._fit_deepspeed(cfg, accelerator(1, optimizer={"type": "AdamW"}))
+
+
+def test_every_node_must_see_the_run_dir(tmp_path, monkeypatch):
+    distributed.check_shared_output(tmp_path)  # one process: nothing to check
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(LoralabError, match="rank 1.*storage that every node mounts"):
+        distributed.check_shared_output(tmp_path)
+    (tmp_path / "config.yaml").write_text("{}")
+    distributed.check_shared_output(tmp_path)
+
+
 FSDP_CASES = {"classify-lora": ("classify", "lora", "bert", 1e-2),  # BERT: embedding unit
               "sft-full": ("sft", "full", "gpt2", 3e-3)}  # GPT-2: tied embeddings
 

@@ -177,19 +177,29 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def _check_deepspeed(accelerator) -> None:
+def _fit_deepspeed(cfg, accelerator) -> None:
+    """Refuse what the loop cannot honour; fill the config's ``auto`` values
+    from loralab's options (accelerate infers them only from dataloaders)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
+    ds = plugin.deepspeed_config
     if plugin.zero_stage == 3:
         raise LoralabError(
             "DeepSpeed ZeRO stage 3 partitions the weights in a way loralab cannot save "
             "from. Use ZeRO stage 1 or 2 in the accelerate config, or --fsdp for full sharding.")
-    gas = plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise LoralabError("the DeepSpeed config names an optimizer or scheduler; loralab makes "
+                           "AdamW and its schedule itself. Remove those sections.")
+    gas = ds.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1):
         raise LoralabError(
             f"the DeepSpeed config sets gradient_accumulation_steps={gas}; loralab "
             "accumulates itself. Set it to auto (or 1) and pass --grad-accum instead.")
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.max_grad_norm
 
 
 def adapt_to_backend(cfg, accelerator) -> list[str]:
@@ -201,13 +211,23 @@ def adapt_to_backend(cfg, accelerator) -> list[str]:
     """
     if not is_sharded(accelerator):
         return []
-    _check_deepspeed(accelerator)
+    _fit_deepspeed(cfg, accelerator)
     notes = []
     if cfg.save_checkpoints or cfg.keep_best:
         cfg.save_checkpoints = cfg.keep_best = False
         notes.append("sharded training (FSDP/DeepSpeed) keeps no resumable checkpoint and "
                      "ends with the last weights, not the best evaluated ones.")
     return notes
+
+
+def check_shared_output(run_dir) -> None:
+    """Every rank must see the run dir rank 0 just wrote: the best checkpoint
+    and resumable checkpoints are read back from it by all ranks."""
+    if world_size() > 1 and not (Path(run_dir) / "config.yaml").is_file():
+        raise LoralabError(
+            f"this process (rank {process_rank()}) cannot see {run_dir}, which rank 0 "
+            "wrote. On several nodes, put --output on storage that every node mounts "
+            "(NFS, Lustre, ...).")
 
 
 # ---- equal work on every rank -----------------------------------------------------

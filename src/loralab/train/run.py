@@ -142,6 +142,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
         for text in notes:
             note(f"warning: {text}")
     acc.wait_for_everyone()
+    distributed.check_shared_output(run_dir)
     labels = prep.label_map.labels if prep.label_map else None
     loop = Loop(model, cfg, splits.train, splits.eval, tok.pad_token_id, acc, run_dir, labels)
     before = loop.evaluate(general) if general is not None else None
