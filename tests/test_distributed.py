@@ -232,7 +232,7 @@ def test_two_processes_equal_one_with_twice_the_batch(models, data, tmp_path, ca
     assert_same_run(tmp_path / "two", tmp_path / "one")
     assert_written_once(tmp_path / "two", proc)
     m = metrics(tmp_path / "two")
-    assert m["batch_size"] == 4 and m["grad_accum"] == 1
+    assert (m["batch_size"], m["grad_accum"], m["global_batch_size"]) == (4, 1, 8)
 
 
 # ---- failures -----------------------------------------------------------------------
@@ -292,6 +292,7 @@ def test_global_batch_in_one_process(models, data, tmp_path):
                "--global-batch-size", 12, "--grad-accum", 3, "--max-steps", 2, "--quiet") == 0
     m = metrics(out)
     assert (m["batch_size"], m["grad_accum"], m["world_size"]) == (4, 3, 1)
+    assert m["global_batch_size"] == 12
 
 
 # ---- sharding ---------------------------------------------------------------------

@@ -237,6 +237,8 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "steps": s.step, "epochs": s.step / loop.steps_per_epoch,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "world_size": loop.world, "lr": cfg.lr, "seed": cfg.seed,
+        "global_batch_size": distributed.effective_batch(cfg.batch_size, cfg.grad_accum,
+                                                         loop.world),
         "peak_memory": peak, "eval": results["eval"], "test": results["test"],
         "best_step": s.best_step, "best_metric": {cfg.metric: s.best_metric},
         "artifact_bytes": artifact_bytes, "loss_curve": s.loss_curve, "evals": s.evals,
