@@ -42,8 +42,10 @@ def markdown(rows: list[dict]) -> str:
     """One Markdown row per run: cost and quality, with ratios against full FT."""
     quality, full = R.headline_quality(rows), R.reference_row(rows)
     forgetting = any(r.get("forgetting") for r in rows)
+    second = R.secondary_text  # accuracy beside F1, eval loss beside perplexity
     head = ["run", "trainable params", "train time", "tokens/s", "peak RSS", quality.label,
-            "vs full FT"] + (["general-text ppl before → after (Δ%)"] if forgetting else [])
+            "vs full FT", "also"] + (["general-text ppl before → after (Δ%)"] if forgetting
+                                     else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, label in zip(rows, R.labels(rows)):
         if row.get("status") not in R.HAS_RESULTS:
@@ -56,7 +58,7 @@ def markdown(rows: list[dict]) -> str:
                  fmt.nbytes(mem.get("peak")),
                  R.quality_text(row, quality) if quality.points
                  else fmt.number(R.metric_value(row, quality.key), 4),
-                 "—" if row is full else R.delta_text(vs, quality)]
+                 "—" if row is full else R.delta_text(vs, quality), second(row, quality)]
         if forgetting:
             f = row.get("forgetting") or {}
             cells.append(f"{fmt.number(f.get('before_ppl'), 4)} → "
@@ -66,12 +68,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary(out: Path, wall: float) -> str:
-    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+def summary(outs: list[Path], wall: float) -> str:
+    """Machine, commands, wall time and one table over the rows of every output."""
+    datas = [json.loads((out / "results.json").read_text(encoding="utf-8")) for out in outs]
+    rows = [row for data in datas for row in data["runs"]]
     env = environment()
     machine = (f"machine: {env['CPU']}, {env['memory']}, GPU {env['GPU']}; "
                f"torch {env['torch']}, transformers {env['transformers']}; "
                f"{platform.system()}; date {time.strftime('%Y-%m-%d')}")
-    text = [machine, f"command: {data['command']}",
-            f"wall time of the whole comparison: {fmt.seconds(wall)}", "", markdown(data["runs"])]
+    text = [machine, *(f"command: {data['command']}" for data in datas),
+            f"wall time of the whole comparison: {fmt.seconds(wall)}", "", markdown(rows)]
     return "\n".join(text)

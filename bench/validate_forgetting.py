@@ -38,7 +38,7 @@ def main() -> None:
                         args.methods, "--general-text", str(general), "--epochs", args.epochs,
                         "--max-length", args.max_length, "--generations", "4",
                         "--max-new-tokens", "48", "--output", args.out, *args.extra])
-    print(summary(Path(args.out), wall))
+    print(summary([Path(args.out)], wall))
 
 
 if __name__ == "__main__":

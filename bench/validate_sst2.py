@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--ranks", default="8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/validate-sst2")
+    ap.add_argument("--lora-ranks", default="8,16")
+    ap.add_argument("--lora-lr", default=None,
+                    help="also run LoRA at this learning rate (a second comparison in "
+                         "OUT-lrX; full and head keep their defaults) and report both")
     ap.add_argument("extra", nargs="*", help="more `loralab train` options, e.g. lr=5e-4")
     args = ap.parse_args()
     sst2 = need_datasets() / "sst2"
@@ -52,11 +56,17 @@ def main() -> None:
     train = write_tsv(data / "train.tsv", rng.sample(read_sst2(sst2 / "train.tsv"), args.rows))
     dev = write_tsv(data / "eval.tsv", rng.sample(read_sst2(sst2 / "dev.tsv"), args.eval_rows))
     test = write_tsv(data / "test.tsv", read_sst2(sst2 / "test.tsv"))
-    wall = run_compare(["--model", "minilm", "--data", str(train), "--eval-data", str(dev),
-                        "--test-data", str(test), "--methods", args.methods, "--ranks",
-                        args.ranks, "--epochs", args.epochs, "--max-length", "128",
-                        "--output", args.out, *args.extra])
-    print(summary(Path(args.out), wall))
+    common = ["--model", "minilm", "--data", str(train), "--eval-data", str(dev),
+              "--test-data", str(test), "--epochs", args.epochs, "--max-length", "128",
+              *args.extra]
+    wall = run_compare([*common, "--methods", args.methods, "--ranks", args.ranks,
+                        "--output", args.out])
+    outs = [Path(args.out)]
+    if args.lora_lr:
+        outs.append(Path(f"{args.out}-lr{args.lora_lr}"))
+        wall += run_compare([*common, "--methods", "lora", "--ranks", args.lora_ranks,
+                             "--lr", args.lora_lr, "--output", str(outs[-1])])
+    print(summary(outs, wall))
 
 
 if __name__ == "__main__":

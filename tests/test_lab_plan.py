@@ -10,14 +10,14 @@ import pytest
 from loralab.errors import LoralabError
 from loralab.lab.compare import plan_compare
 from loralab.lab.outdir import is_finished, open_output, save_state
-from loralab.lab.plan import parse_train_args
+from loralab.lab.plan import differing, essential, parse_train_args
 from loralab.lab.sweep import plan_sweep
 
 
 def test_train_options_pass_through_in_every_spelling():
     args = ["--grad-accum", "2", "--lr=1e-4", "warmup_ratio=0.1", "--no-group-by-length",
             "--gradient-checkpointing"]
-    assert parse_train_args(args) == {"grad_accum": "2", "lr": "1e-4", "warmup_ratio": "0.1",
+    assert parse_train_args(args) == {"grad_accum": 2, "lr": 1e-4, "warmup_ratio": 0.1,
                                       "group_by_length": "false",
                                       "gradient_checkpointing": "true"}
     with pytest.raises(LoralabError, match="cannot read 'stray'"):
@@ -26,7 +26,9 @@ def test_train_options_pass_through_in_every_spelling():
 
 def test_compare_plans_one_run_per_method_and_rank(tmp_path):
     plan = plan_compare(methods="full,head,lora,qlora", ranks="4,16",
-                        train_args=["--epochs", "2", "--grad-accum", "2"], output=tmp_path)
+                        train_args=["--epochs", "2", "--grad-accum", "2", "--weight-decay",
+                                    "1e-2"], output=tmp_path)
+    assert plan.configs["full"].weight_decay == 0.01
     assert [r.name for r in plan.runs] == ["full", "head", "lora-r4", "lora-r16", "qlora-r4",
                                            "qlora-r16"]
     cfg = plan.configs["qlora-r16"]
@@ -34,7 +36,7 @@ def test_compare_plans_one_run_per_method_and_rank(tmp_path):
         ("qlora", 16, 32.0, 2.0, 2)
     assert plan.configs["full"].lr == 2e-5 and plan.configs["lora-r4"].lr == 2e-4
     assert "--methods full,head,lora,qlora --ranks 4,16" in plan.command
-    assert plan.command.endswith("--epochs 2 --grad-accum 2")
+    assert plan.command.endswith("--epochs 2 --grad-accum 2 --weight-decay 1e-2")
 
 
 def test_default_methods_follow_the_task(tmp_path):
@@ -92,8 +94,15 @@ def test_output_dir_state_refuses_another_comparison(tmp_path):
     (out / "head" / "metrics.json").write_text("{}")
     assert is_finished(plan, state, "head")
     other = plan_compare(output=out, methods="head", train_args=["--epochs", "1"])
-    with pytest.raises(LoralabError, match="holds a different comparison"):
+    with pytest.raises(LoralabError, match=r"holds a different comparison \(differs in epochs\)"):
         open_output(other, overwrite=False)
     assert (out / "head" / "metrics.json").exists()
     fresh = open_output(other, overwrite=True)
     assert fresh["runs"] == {} and not (out / "head").exists()
+
+
+def test_an_option_added_later_off_by_default_keeps_the_comparison():
+    old = {"model": "minilm", "epochs": 2.0, "general_text": None}
+    assert essential({**old, "fsdp": False, "new_list": []}) == essential(old)
+    assert essential({**old, "dropout": 0.0}) != essential(old)  # a real value stays
+    assert differing(old, {**old, "fsdp": True, "epochs": 3.0}) == ["epochs", "fsdp"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loralab.errors import LoralabError
 from loralab.io import atomic_write_json
-from loralab.lab.plan import Plan
+from loralab.lab.plan import Plan, differing
 
 LAB_DIR = ".lab"
 
@@ -33,10 +33,17 @@ def read_state(output: Path) -> dict | None:
     return state if isinstance(state, dict) else None
 
 
-def _describe(state: dict) -> str:
-    shared = state.get("settings") or {}
-    bits = [state.get("kind"), f"model {shared.get('model')}", f"data {shared.get('data')}"]
-    return ", ".join(str(b) for b in bits if b)
+def _describe(state: dict, plan: Plan) -> str:
+    """What differs: the kind, a data file's content, or the settings named."""
+    if state.get("kind") != plan.kind:
+        return f"a {state.get('kind')}, not a {plan.kind}"
+    keys = differing(state.get("settings") or {}, plan.shared())
+    if keys:
+        return "differs in " + ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    changed = [k for k, v in plan.files().items() if (state.get("files") or {}).get(k) != v]
+    if changed:
+        return f"the content of {', '.join(changed)} changed"
+    return "made with other settings"
 
 
 def open_output(plan: Plan, overwrite: bool) -> dict:
@@ -56,13 +63,14 @@ def open_output(plan: Plan, overwrite: bool) -> dict:
     if state is not None and (overwrite or state.get("fingerprint") != fingerprint):
         if not overwrite:
             raise LoralabError(
-                f"output directory {out} holds a different comparison ({_describe(state)}). "
+                f"output directory {out} holds a different comparison "
+                f"({_describe(state, plan)}). "
                 "Pass --overwrite to replace it, or choose another --output.")
         shutil.rmtree(out)
         state = None
     if state is None:
         state = {"kind": plan.kind, "fingerprint": fingerprint, "settings": plan.shared(),
-                 "runs": {}}
+                 "files": plan.files(), "runs": {}}
         save_state(out, state)
     return state
 

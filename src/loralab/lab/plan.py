@@ -58,13 +58,31 @@ class Plan:
         """Same fingerprint = same comparison: model, data (by content), split,
         seed, shared settings and the lab's own settings. The list of runs is
         left out, so asking for one more rank extends a comparison."""
+        return digest({"kind": self.kind, "shared": essential(self.shared()),
+                       "files": self.files(), "lab": self.lab})
+
+    def files(self) -> dict:
+        """Content hashes of the data files: an edited file is another comparison."""
         shared = self.shared()
         files = {k: file_digest(shared.get(k)) for k in ("data", "eval_data", "test_data")}
         files["general_text"] = file_digest(self.general_text)
-        return digest({"kind": self.kind, "shared": shared, "files": files, "lab": self.lab})
+        return files
 
     def run_fingerprint(self, name: str) -> str:
-        return digest({"comparison": self.fingerprint(), "run": self.run_config(name)})
+        return digest({"comparison": self.fingerprint(), "run": essential(self.run_config(name))})
+
+
+def essential(settings: dict) -> dict:
+    """The settings that decide what runs compute, unset ones (None, False,
+    empty) left out: a release that adds an option, off by default, keeps
+    earlier comparisons and their finished runs valid."""
+    return {k: v for k, v in settings.items()
+            if not (v is None or v is False or (isinstance(v, (str, dict, list)) and not v))}
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    ea, eb = essential(a), essential(b)
+    return sorted(k for k in set(ea) | set(eb) if ea.get(k) != eb.get(k))
 
 
 def digest(obj) -> str:
@@ -109,9 +127,22 @@ def parse_train_args(args: list[str] | tuple[str, ...]) -> dict:
         else:
             raise LoralabError(f"cannot read {arg!r}: pass training options as --name value "
                                "or name=value (e.g. --grad-accum 2).")
-        out[key.strip().replace("-", "_")] = value
+        out[key.strip().replace("-", "_")] = _number(value)
         i += 1
     return out
+
+
+def _number(value: str):
+    """'1e-3' -> 0.001: YAML 1.1 reads a float without a dot as a string."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return number if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
 
 
 def check_passthrough(options: dict, owned: tuple[str, ...], kind: str) -> None:
