@@ -348,6 +348,20 @@ def test_deepspeed_config_is_checked_and_filled():
         distributed._fit_deepspeed(cfg, accelerator(1, optimizer={"type": "AdamW"}))
 
 
+def test_fsdp_version_1_is_refused():
+    from accelerate.utils import DistributedType
+
+    acc = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                          state=SimpleNamespace(deepspeed_plugin=None,
+                                                fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    cfg = SimpleNamespace(save_checkpoints=True, keep_best=True)
+    with pytest.raises(LoralabError, match="fsdp_version: 2"):
+        distributed.adapt_to_backend(cfg, acc)
+    acc.state.fsdp_plugin.fsdp_version = 2
+    notes = distributed.adapt_to_backend(cfg, acc)
+    assert not cfg.save_checkpoints and not cfg.keep_best and "no resumable" in notes[0]
+
+
 def test_every_node_must_see_the_run_dir(tmp_path, monkeypatch):
     distributed.check_shared_output(tmp_path)  # one process: nothing to check
     monkeypatch.setenv("WORLD_SIZE", "2")

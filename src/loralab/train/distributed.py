@@ -212,6 +212,11 @@ def adapt_to_backend(cfg, accelerator) -> list[str]:
     if not is_sharded(accelerator):
         return []
     _fit_deepspeed(cfg, accelerator)
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 2) != 2:
+        raise LoralabError("the accelerate config asks for FSDP version 1, whose flattened "
+                           "weights loralab cannot save adapters from. Set fsdp_version: 2 in "
+                           "its fsdp_config, or launch without it and pass --fsdp.")
     notes = []
     if cfg.save_checkpoints or cfg.keep_best:
         cfg.save_checkpoints = cfg.keep_best = False
