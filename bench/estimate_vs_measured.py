@@ -13,6 +13,9 @@ measured by training a tiny twin of each model (same architecture and
 tokenizer, hidden size 32, one layer) with the same command: its peak RSS,
 less its own few MB of tensors, is the process cost the estimate adds.
 
+Each real run is repeated with a fixed malloc mmap threshold, under which RSS
+follows live memory rather than what glibc keeps of freed blocks.
+
     .venv/bin/python bench/estimate_vs_measured.py
     .venv/bin/python bench/estimate_vs_measured.py --models minilm --methods lora --steps 2
 """
