@@ -307,6 +307,9 @@ def test_cli_table_and_explain(capsys):
     (["--model", "gpt2", "--method", "head"], "head"),
     (["--model", "minilm", "--task", "sft"], "encoder"),
     (["--model", "gpt2", "--targets", "nope_proj"], "match no linear layer"),
+    (["--model", "gpt2", "--rank", "0"], "rank"),
+    (["--model", "gpt2", "--lora-dropout", "1.5"], "lora_dropout"),
+    (["--explain", "--model", "nonexistent-preset"], "unknown model preset"),
 ])
 def test_bad_input_exits_2(capsys, args, needle):
     with pytest.raises(SystemExit) as exc:

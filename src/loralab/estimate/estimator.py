@@ -181,7 +181,7 @@ class Estimator:
                    if cfg.overhead else "overhead: not counted")
         if cfg.device == "cpu":
             out.append("CPU: live memory; glibc malloc can keep freed blocks resident, so "
-                       "RSS may run 10-20 % higher (BENCHMARKS.md)")
+                       "RSS may run up to ~25 % higher (BENCHMARKS.md)")
         return out
 
 

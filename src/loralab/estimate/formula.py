@@ -104,6 +104,9 @@ class EstimateConfig:
                 flag = "--" + key.replace("_", "-")
                 raise LoralabError(f"{key} must be a positive integer (got {value!r}).",
                                    hint=f"Fix: pass {flag} 1 or more.")
+        if not 0 <= self.lora_dropout < 1:
+            raise LoralabError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout}).",
+                               hint="Fix: pass --lora-dropout 0.05, or 0.")
 
     @property
     def prec(self) -> Precision:
