@@ -366,7 +366,7 @@ def _describe(err: BaseException) -> str:
 
 # messages of collectives that broke because another rank went away
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-              "NCCL communicator was aborted", "Timed out", "timed out", "ProcessGroup")
+              "NCCL communicator was aborted", "Timed out", "timed out")
 
 
 def _is_secondary(err: BaseException) -> bool:
