@@ -117,59 +117,48 @@ def mtimes(out: Path, names) -> dict:
 
 
 @pytest.mark.slow
-def test_compare_end_to_end_rerun_and_refusal(tiny, tmp_path, capsys):
+def test_compare_end_to_end_with_a_failed_run_rerun_and_refusal(tiny, tmp_path, capsys):
+    """full and head train; LoRA fails (its targets match nothing) and becomes a row;
+    a re-run keeps the finished runs and tries the failed one again; other
+    settings in the same output dir are refused."""
     out = tmp_path / "cmp"
     args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
-            "full,head,lora", "--ranks", "2", "--output", out, *FAST]
-    assert lab(*args) == 0
+            "full,head,lora", "--ranks", "2", "--targets", "no_such_layer", "--output", out,
+            *FAST]
+    assert lab(*args) == 1  # a run failed; the comparison itself finished
     rows = results(out)
     assert [(r["run"], r["status"]) for r in rows] == [("full", "ok"), ("head", "ok"),
-                                                        ("lora-r2", "ok")]
-    assert (out / "full" / "model").is_dir()
-    assert (out / "head" / "adapter").is_dir() and (out / "lora-r2" / "adapter").is_dir()
-    assert rows[0]["trainable_params"] > rows[2]["trainable_params"] > rows[1]["trainable_params"]
-    assert all(r["peak_memory"]["tensors"]["weights_bytes"] > 0 for r in rows)
+                                                        ("lora-r2", "failed")]
+    assert "no_such_layer" in rows[2]["error"] and "\n" not in rows[2]["error"]
+    assert (out / "full" / "model").is_dir() and (out / "head" / "adapter").is_dir()
+    assert rows[0]["trainable_params"] > rows[1]["trainable_params"] > 0
+    assert all(r["peak_memory"]["tensors"]["weights_bytes"] > 0 for r in rows[:2])
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("run,status,method")
     page = (out / "report.html").read_text()
     assert "data-chart='memory'" in page and "data-chart='loss'" in page
-    assert "LoRA r=2: " in page and "of the trainable parameters" in page
+    assert "head only: " in page and "of the trainable parameters" in page
+    assert "no_such_layer" in page and "Failed: LoRA r=2" in page
     assert "loralab compare --model" in page and "--methods full,head,lora" in page
     printed = capsys.readouterr().out
-    assert "full FT" in printed and "report.html" in printed
+    assert "full FT" in printed and "1 of 3 runs failed" in printed
 
-    before = mtimes(out, ["full", "head", "lora-r2"])
-    assert lab(*args) == 0  # same command: every run kept
-    assert [r["status"] for r in results(out)] == ["skipped"] * 3
-    assert mtimes(out, ["full", "head", "lora-r2"]) == before
-    assert "kept 3 finished run(s)" in capsys.readouterr().out
-
-    saved = (out / "results.json").read_bytes()
-    assert lab(*args[:-6], "--epochs", "2", "--max-length", "32", "--batch-size", "8") == 2
-    assert "holds a different comparison" in one_error_line(capsys)
-    assert (out / "results.json").read_bytes() == saved
-    assert mtimes(out, ["full", "head", "lora-r2"]) == before
-
-
-@pytest.mark.slow
-def test_failed_run_becomes_a_row_and_is_redone(tiny, tmp_path, capsys):
-    out = tmp_path / "cmp"
-    args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
-            "head,lora", "--ranks", "2", "--targets", "no_such_layer", "--output", out, *FAST]
-    assert lab(*args) == 1  # a run failed; the comparison itself finished
-    rows = results(out)
-    assert [r["status"] for r in rows] == ["ok", "failed"]
-    assert "no_such_layer" in rows[1]["error"] and "\n" not in rows[1]["error"]
-    assert "no_such_layer" in (out / "report.html").read_text()
-    assert "1 of 2 runs failed" in capsys.readouterr().out
+    before = mtimes(out, ["full", "head"])
     log = out / "logs" / "lora-r2.log"
     first = log.stat().st_mtime_ns
-    head_before = mtimes(out, ["head"])
     time.sleep(0.01)
-    assert lab(*args) == 1
-    assert [r["status"] for r in results(out)] == ["skipped", "failed"]
-    assert mtimes(out, ["head"]) == head_before
-    assert log.stat().st_mtime_ns > first  # the failed run was tried again
+    assert lab(*args) == 1  # same command: finished runs kept, the failed one redone
+    assert [r["status"] for r in results(out)] == ["skipped", "skipped", "failed"]
+    assert mtimes(out, ["full", "head"]) == before
+    assert log.stat().st_mtime_ns > first
+    assert "kept 2 finished run(s)" in capsys.readouterr().out
+
+    saved = (out / "results.json").read_bytes()
+    other = [a if a != "1" else "2" for a in map(str, args)]  # --epochs 2
+    assert lab(*other) == 2
+    assert "holds a different comparison (differs in epochs)" in one_error_line(capsys)
+    assert (out / "results.json").read_bytes() == saved
+    assert mtimes(out, ["full", "head"]) == before
 
 
 @pytest.mark.slow
@@ -200,6 +189,8 @@ def test_interrupted_compare_keeps_finished_runs_and_resumes(tiny, tmp_path, cap
     rows = results(out)
     assert [(r["run"], r["status"]) for r in rows] == [("head", "skipped"), ("lora-r2", "ok")]
     assert (out / "head" / "metrics.json").read_bytes() == head_metrics
+    assert (out / "lora-r2" / "adapter" / "adapter_config.json").is_file()
+    assert rows[1]["trainable_params"] > rows[0]["trainable_params"]
 
 
 @pytest.mark.slow
