@@ -18,7 +18,7 @@ from validate_common import need_datasets, run_compare, summary
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--records", type=int, default=300, help="Alpaca records sampled")
+    ap.add_argument("--records", type=int, default=200, help="Alpaca records sampled")
     ap.add_argument("--epochs", default="1")
     ap.add_argument("--max-length", default="256")
     ap.add_argument("--methods", default="full,lora,qlora")

@@ -62,7 +62,8 @@ def test_report_is_self_contained_with_all_sections():
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)
     assert "Staying healthy is &lt;important&gt;." in page  # generations are escaped
     assert "loralab compare --model minilm --data tickets" in page
-    assert "general-text perplexity +40.5%" not in page  # full FT is the reference line
+    assert "Reference, full fine-tuning: 134M trainable parameters, 5.0 min, perplexity 8.1, " \
+        "general-text perplexity +40.5%" in page
     assert "general-text perplexity +5.2%" in page
 
 

@@ -64,9 +64,12 @@ def verdict_section(rows: list[dict], names: list[str], quality: R.Quality) -> s
              if r.get("status") in R.HAS_RESULTS and r is not full]
     if full is not None:
         q = R.quality_text(full, quality)
+        forgot = (full.get("forgetting") or {}).get("percent")
+        tail = (f", general-text perplexity {fmt.signed(forgot, 1)}%"
+                if fmt.is_number(forgot) else "")
         lines.insert(0, f"Reference, full fine-tuning: {fmt.count(full.get('trainable_params'))}"
                         f" trainable parameters, {fmt.seconds(full.get('train_seconds'))},"
-                        f" {quality.label} {q}")
+                        f" {quality.label} {q}{tail}")
     failed = [n for r, n in zip(rows, names) if r.get("status") == "failed"]
     if failed:
         lines.append(f"Failed: {', '.join(failed)} (errors below)")
