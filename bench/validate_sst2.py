@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--lora-lr", default=None,
                     help="also run LoRA at this learning rate (a second comparison in "
                          "OUT-lrX; full and head keep their defaults) and report both")
+    ap.add_argument("--full-lr", default=None,
+                    help="also run full fine-tuning at this learning rate (in OUT-full-lrX)")
     ap.add_argument("extra", nargs="*", help="more `loralab train` options, e.g. lr=5e-4")
     args = ap.parse_args()
     sst2 = need_datasets() / "sst2"
@@ -66,6 +68,10 @@ def main() -> None:
         outs.append(Path(f"{args.out}-lr{args.lora_lr}"))
         wall += run_compare([*common, "--methods", "lora", "--ranks", args.lora_ranks,
                              "--lr", args.lora_lr, "--output", str(outs[-1])])
+    if args.full_lr:
+        outs.append(Path(f"{args.out}-full-lr{args.full_lr}"))
+        wall += run_compare([*common, "--methods", "full", "--lr", args.full_lr,
+                             "--output", str(outs[-1])])
     print(summary(outs, wall))
 
 

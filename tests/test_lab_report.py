@@ -43,6 +43,8 @@ def test_labels_name_only_what_varies():
     assert names[:3] == ["full FT", "head only", "LoRA r=1 attention"]
     assert "LoRA r=16 all-linear" in names
     assert R.labels(S.classify_rows()) == ["full FT", "head only", "LoRA r=8", "QLoRA r=8"]
+    two_full = [S.row("a", method="full", lr=2e-5), S.row("b", method="full", lr=1e-4)]
+    assert R.labels(two_full) == ["full FT lr=2e-05", "full FT lr=0.0001"]
 
 
 def test_csv_has_one_line_per_run_and_the_error():

@@ -106,8 +106,21 @@ def run_label(row: dict, varying: set[str] | None = None) -> str:
 
 
 def labels(rows: list[dict]) -> list[str]:
+    """One label per row; rows that would share a label get their learning rate
+    (e.g. two full fine-tunings at different rates), then their run name."""
     varying = varying_keys(rows)
-    return [run_label(r, varying) for r in rows]
+    names = [run_label(r, varying) for r in rows]
+    names = _disambiguate(names, [_lr_text(r) for r in rows])
+    return _disambiguate(names, [f"({r.get('run')})" for r in rows])
+
+
+def _lr_text(row: dict) -> str | None:
+    lr = spec_of(row).get("lr")
+    return f"lr={lr:g}" if fmt.is_number(lr) else None
+
+
+def _disambiguate(names: list[str], extras: list[str | None]) -> list[str]:
+    return [f"{n} {e}" if names.count(n) > 1 and e else n for n, e in zip(names, extras)]
 
 
 def memory_breakdown(row: dict) -> dict | None:
