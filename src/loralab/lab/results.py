@@ -204,9 +204,12 @@ def verdict(row: dict, full: dict | None, quality: Quality, label: str) -> str:
         parts.append(f"{fmt.percent(row['trainable_percent'], 2)} of the parameters trained")
     if vs.get("speedup") is not None:
         s = vs["speedup"]
-        parts.append(f"{fmt.ratio(s)} faster" if s >= 1 else f"{fmt.ratio(1 / s)} slower")
+        parts.append("about as fast" if 0.95 <= s <= 1.05 else
+                     f"{fmt.ratio(s)} faster" if s > 1 else f"{fmt.ratio(1 / s)} slower")
     if vs.get("memory_ratio") is not None:
-        parts.append(f"{fmt.ratio(vs['memory_ratio'])} the peak memory")
+        m = vs["memory_ratio"]
+        parts.append("about the same peak memory" if 0.95 <= m <= 1.05
+                     else f"{fmt.ratio(m)} the peak memory")
     if vs.get("quality_delta") is not None:
         parts.append(f"{quality.label} {delta_text(vs, quality)} vs full FT")
     else:
