@@ -177,12 +177,12 @@ def main() -> None:
         rows.append(row)
         print(f"{method}: recipe {recipe['train_seconds']:.1f} s F1 {recipe['test_f1']:.4f} | "
               f"loralab {ours['train_seconds']:.1f} s F1 {ours['test_f1']:.4f} | "
-              f"{row['speedup']:.2f}x faster, F1 {row['f1_delta_points']:+.2f} points",
-              flush=True)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+              f"{row['speedup']:.2f}x faster, F1 {row['f1_delta_points']:+.2f} points "
+              f"(load {recipe['load_average']} vs {ours['load_average']})", flush=True)
+        report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                  "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
+        if args.json:  # after every pair, so a long run keeps what it measured
+            Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 
