@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_support import class_rows, save_tiny, write_csv
+from test_train_support import class_rows, one_thread, save_tiny, write_csv
 
 from loralab.cli import main
 
@@ -41,6 +41,15 @@ def cli(*args) -> int:
         return exc.code or 0
     return 0
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    import torch
+
+    before = one_thread()
+    yield
+    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
