@@ -156,14 +156,16 @@ def test_best_checkpoint_is_restored(models, data, tmp_path):
     assert best_step != m["steps"], "setup should make the last evaluation not the best"
 
 
-def test_adapter_loads_in_peft_with_equal_logits(models, data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "head"])
+def test_adapter_loads_in_peft_with_equal_logits(models, data, tmp_path, method):
+    """Head-only adapters too: they adapt no layer, only the saved head."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from loralab.lora import load_adapter
 
     out = tmp_path / "run"
-    train(models, data, out, "lora")
+    train(models, data, out, method)
     labels = json.loads((out / "labels.json").read_text())["labels"]
     tok = AutoTokenizer.from_pretrained(models["bert"])
     batch = tok(["invoice error please", "parcel late today"], return_tensors="pt",
@@ -178,6 +180,7 @@ def test_adapter_loads_in_peft_with_equal_logits(models, data, tmp_path):
     with torch.no_grad():
         a = peft_model(**batch).logits
         b = ours(**batch).logits
+    # each base() draws a fresh random head: equal logits mean both loaded the saved one
     assert torch.allclose(a, b, atol=1e-5)
 
 

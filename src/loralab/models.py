@@ -11,6 +11,7 @@ works offline:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -123,12 +124,36 @@ def model_display_name(name: str) -> str:
     return Path(name).name or name
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" bar and no LOAD REPORT while loralab loads or saves
+    a model: the one expected report (a fresh classification head, initialized
+    at random) is what training is for, and the bar flashes for under a second.
+    Errors still print. Set LORALAB_VERBOSE_LOAD=1 to see both."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("LORALAB_VERBOSE_LOAD"):
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(cls_name: str, source: str, name: str, **kwargs):
     import transformers
 
     cls = getattr(transformers, cls_name)
     try:
-        return cls.from_pretrained(source, **kwargs)
+        with quiet_transformers():
+            return cls.from_pretrained(source, **kwargs)
     except OSError as err:
         raise LoralabError(
             f"could not load model '{name}': {str(err).splitlines()[0]}",

@@ -45,11 +45,19 @@ def _task_of(model: nn.Module, task: str | None) -> str | None:
     return None
 
 
+PEFT_NO_TARGETS = "dummy-target-modules"  # peft.utils.constants.DUMMY_TARGET_MODULES
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """The shortest peft ``target_modules`` list selecting exactly ``names``."""
+    """The shortest peft ``target_modules`` list selecting exactly ``names``.
+
+    A head-only adapter adapts no layer: peft refuses an empty list ("no
+    target_modules passed") but accepts its own marker for an adapter that
+    matches no module, and still restores ``modules_to_save`` (the head).
+    """
     suffixes = sorted({n.split(".")[-1] for n in names})
     if not names:
-        return []
+        return PEFT_NO_TARGETS
     try:
         if sorted(find_targets(model, suffixes)) == sorted(names):
             return suffixes
@@ -164,7 +172,9 @@ def _read_weights(adapter_dir: Path) -> dict:
 
 def _config_from_peft(config: dict, task: str | None) -> LoRAConfig:
     targets = config.get("target_modules") or []
-    if isinstance(targets, str):
+    if targets == PEFT_NO_TARGETS:
+        targets = []
+    elif isinstance(targets, str):
         targets = "re:" + targets
     return LoRAConfig(
         r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),

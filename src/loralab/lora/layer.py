@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from loralab.lora.dropout import Dropout
 from loralab.lora.quant import dequantize_linear, is_4bit
 
 
@@ -73,7 +74,7 @@ class LoRALinear(nn.Module):
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         # rsLoRA (Kalajdzievski, 2023): alpha / sqrt(r) keeps updates stable at high rank.
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.r[name] = r
@@ -115,7 +116,13 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if name is None or name not in self.lora_A or name == self.merged_adapter:
             return result
-        return result + self._lora(name, x).to(result.dtype)
+        A, B = self.lora_A[name], self.lora_B[name]
+        delta = B(A(self.lora_dropout[name](x.to(A.weight.dtype))))
+        if type(self.base_layer) is nn.Linear and delta.dtype == result.dtype:
+            # one fused scale-and-add into the base output (nn.Linear's backward
+            # does not need its output, so updating it in place is safe)
+            return result.add_(delta, alpha=self.scaling[name])
+        return result + (delta * self.scaling[name]).to(result.dtype)
 
     def _forward_routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row uses its own adapter (None: the base) in one pass."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from loralab.errors import LoralabError
+from loralab.models import quiet_transformers
 
 
 def compute_dtype(cfg, device: str) -> torch.dtype:
@@ -69,18 +68,3 @@ def enable_checkpointing(model, method: str) -> None:
         model.enable_input_require_grads()
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """No per-tensor load report or weight-loading bars inside a run (a fresh
-    classification head is expected: it is what training is for)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -19,6 +19,7 @@ from loralab.data.encode import Encoded, encode_text_blocks
 from loralab.data.tables import read_text_file
 from loralab.errors import LoralabError
 from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
+from loralab.lora.dropout import use_fast_dropout
 from loralab.train import distributed, rundir
 from loralab.train.loop import Loop
 from loralab.train.memory import peak_process_memory, reset_peak, tensor_account
@@ -127,6 +128,8 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     reset_peak(acc.device.type)
     set_seed(cfg.seed)
     model, tok = load_for_method(cfg, acc.device.type, prep.label_map)
+    if acc.device.type == "cpu":
+        use_fast_dropout(model)  # the model's own dropout layers: same p, cheaper masks
     distributed.fit_wrap_policy(acc, model)
     limit = max_positions(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length

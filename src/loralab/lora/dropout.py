@@ -1,0 +1,58 @@
+"""Dropout with a cheaper mask on CPU.
+
+``torch.nn.Dropout`` draws its mask with ``bernoulli_``, which on CPU costs one
+32-bit Mersenne-twister draw and a float compare per element: on a 2-core CPU
+that was a fifth of a LoRA training step of minilm (57 dropout layers per
+forward: 37 LoRA inputs and BERT's own 20). Here one 64-bit draw makes the mask
+of four elements: its bits are split into four 16-bit chunks, each compared
+with ``p`` at a resolution of 2^-15 (so p = 0.1 drops 0.100006 of the
+elements), and kept values are scaled by 1 / (1 - p) as usual. The draws come
+from torch's default generator, so ``torch.manual_seed`` and checkpointed RNG
+state make runs repeatable and resumable as before. On GPUs, torch's own
+(Philox) dropout is already fast and is used unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_RESOLUTION = 1 << 15  # each 16-bit chunk carries 15 random bits
+
+
+def keep_mask(numel: int, p: float) -> torch.Tensor:
+    """A flat bool tensor of ``numel`` elements, each True with probability ~1 - p."""
+    words = (numel + 3) // 4
+    # random_() on int64 fills bits 0..62; shifting left by one leaves 15 random
+    # bits above a zero bit in each of the four 16-bit chunks.
+    bits = torch.empty(words, dtype=torch.int64).random_().bitwise_left_shift_(1)
+    threshold = 2 * round(p * _RESOLUTION) - (1 << 15)  # even: P(chunk >= t) = 1 - p
+    return (bits.view(torch.int16) >= threshold)[:numel]
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu" or not x.is_floating_point() or p >= 1:
+        return F.dropout(x, p, training)
+    scale = keep_mask(x.numel(), p).view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * scale  # autograd keeps ``scale`` for the backward pass
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the CPU mask above (same ``p``, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Switch every plain ``nn.Dropout`` in ``model`` to :class:`Dropout` in place;
+    returns how many. Parameters, state dict and saved configs are unchanged."""
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = Dropout
+            n += 1
+    return n
