@@ -13,12 +13,14 @@ def test_defaults_resolve_per_method_and_task():
     cfg = build_config()
     assert (cfg.model, cfg.data, cfg.method, cfg.task) == ("minilm", "tickets", "lora",
                                                            "classify")
-    assert cfg.alpha == 16.0 and cfg.lr == DEFAULT_LR["lora"] == 2e-4
+    assert cfg.alpha == 16.0 and cfg.lr == 1e-3  # LoRA classifies with a fresh head
+    assert DEFAULT_LR["lora"] == 2e-4
     assert cfg.max_length == 128 and cfg.metric == "f1" and cfg.batch_size == 16
     assert build_config(options={"method": "full"}).lr == 2e-5
     assert build_config(options={"method": "head"}).lr == 1e-3
     sft = build_config(options={"data": "instructions"})
     assert sft.task == "sft" and sft.metric == "loss" and sft.max_length == 512
+    assert sft.lr == 2e-4
     assert not sft.metric_higher_is_better
 
 

@@ -34,7 +34,7 @@ def test_compare_plans_one_run_per_method_and_rank(tmp_path):
     cfg = plan.configs["qlora-r16"]
     assert (cfg.method, cfg.rank, cfg.alpha, cfg.epochs, cfg.grad_accum) == \
         ("qlora", 16, 32.0, 2.0, 2)
-    assert plan.configs["full"].lr == 2e-5 and plan.configs["lora-r4"].lr == 2e-4
+    assert plan.configs["full"].lr == 2e-5 and plan.configs["lora-r4"].lr == 1e-3
     assert "--methods full,head,lora,qlora --ranks 4,16" in plan.command
     assert plan.command.endswith("--epochs 2 --grad-accum 2 --weight-decay 1e-2")
 
