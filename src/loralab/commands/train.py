@@ -25,8 +25,8 @@ OPTIONS = [
     ("--batch-size", int, "Examples per micro-batch (per process)."),
     ("--grad-accum", int, "Micro-batches per optimizer step."),
     ("--global-batch-size", int, "Examples per step, all processes (batch x accum x procs)."),
-    ("--lr", float, "Peak learning rate [default: full 2e-5; LoRA/QLoRA 1e-3 to "
-                    "classify, 2e-4 for sft; head 1e-3]."),
+    ("--lr", float, ("Peak learning rate [default: full 2e-5; LoRA/QLoRA 1e-3 for "
+                     "classify, 2e-4 for sft; head 1e-3].")),
     ("--weight-decay", float, "AdamW weight decay."),
     ("--warmup-ratio", float, "Fraction of steps of linear warmup."),
     ("--scheduler", click.Choice(["linear", "cosine", "constant"]), "Decay after warmup."),
