@@ -117,12 +117,14 @@ class LoRALinear(nn.Module):
         if name is None or name not in self.lora_A or name == self.merged_adapter:
             return result
         A, B = self.lora_A[name], self.lora_B[name]
-        delta = B(A(self.lora_dropout[name](x.to(A.weight.dtype))))
-        if type(self.base_layer) is nn.Linear and delta.dtype == result.dtype:
-            # one fused scale-and-add into the base output (nn.Linear's backward
-            # does not need its output, so updating it in place is safe)
-            return result.add_(delta, alpha=self.scaling[name])
-        return result + (delta * self.scaling[name]).to(result.dtype)
+        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
+        if h.dtype == result.dtype:
+            # B's matmul, the scaling and the add in one addmm: no (..., out)
+            # intermediate, and no in-place write whose backward would copy
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                              B.weight.t(), alpha=self.scaling[name])
+            return out.view(result.shape)
+        return result + (B(h) * self.scaling[name]).to(result.dtype)
 
     def _forward_routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row uses its own adapter (None: the base) in one pass."""
