@@ -21,6 +21,7 @@ from loralab.errors import LoralabError
 from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
 from loralab.lora.dropout import use_fast_dropout
 from loralab.train import distributed, rundir
+from loralab.train.attention import use_fast_attention
 from loralab.train.loop import Loop
 from loralab.train.memory import peak_process_memory, reset_peak, tensor_account
 from loralab.train.methods import load_for_method, quiet_transformers
@@ -130,6 +131,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     model, tok = load_for_method(cfg, acc.device.type, prep.label_map)
     if acc.device.type == "cpu":
         use_fast_dropout(model)  # the model's own dropout layers: same p, cheaper masks
+        use_fast_attention(model)  # and attention dropout, where SDPA would take its math path
     distributed.fit_wrap_policy(acc, model)
     limit = max_positions(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length
