@@ -64,3 +64,17 @@ def test_peak_rss_reads_after_reset():
     peak = peak_process_memory("cpu")["peak_rss_bytes"]
     assert peak >= block.numel() * 4
     del block
+
+
+def test_freed_heap_is_kept_unless_the_user_tuned_malloc(monkeypatch):
+    import platform
+    import sys
+
+    from loralab.train.memory import keep_freed_heap
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_heap() is glibc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert keep_freed_heap() is False

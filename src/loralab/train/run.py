@@ -23,7 +23,12 @@ from loralab.lora.dropout import use_fast_dropout
 from loralab.train import distributed, rundir
 from loralab.train.attention import use_fast_attention
 from loralab.train.loop import Loop
-from loralab.train.memory import peak_process_memory, reset_peak, tensor_account
+from loralab.train.memory import (
+    keep_freed_heap,
+    peak_process_memory,
+    reset_peak,
+    tensor_account,
+)
 from loralab.train.methods import load_for_method, quiet_transformers
 
 
@@ -132,6 +137,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     if acc.device.type == "cpu":
         use_fast_dropout(model)  # the model's own dropout layers: same p, cheaper masks
         use_fast_attention(model)  # and attention dropout, where SDPA would take its math path
+        keep_freed_heap()  # each micro-batch reuses the last one's pages
     distributed.fit_wrap_policy(acc, model)
     limit = max_positions(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length
