@@ -7,7 +7,7 @@ the scores to zero fully masked rows), about 0.4 ms per layer and
 micro-batch for minilm at batch 4 on a 2-core CPU. Here the same math is
 spelled out as transformers' eager attention does it (masked positions at the
 dtype's minimum, plain softmax) with :mod:`loralab.lora.dropout`'s cheaper
-mask: 3-4 % off a minilm LoRA step. Every other case — no dropout (eval),
+mask: 2.5-4 % off a minilm LoRA step (two A/B runs). Every other case — no dropout (eval),
 GPUs, causal or grouped-query attention, position biases, soft-capping —
 goes to transformers' own SDPA function unchanged.
 
