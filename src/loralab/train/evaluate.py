@@ -93,6 +93,7 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
     from accelerate import Accelerator
 
     from loralab.train.evaluator import Evaluator
+    from loralab.train.first_token import use_first_token_only
 
     data = resolve_data_path(data)
     read_text_file(data)  # missing, empty or non-UTF-8: one line, before loading a model
@@ -116,6 +117,7 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
         raise LoralabError(f"{data} yields no example to evaluate. Check the file.")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     m = m.to(acc.device)
+    use_first_token_only(m)  # only logits are read: the last layer runs for [CLS] alone
     metrics = Evaluator(m, acc, tok.pad_token_id, batch_size, labels).evaluate(enc)
     return {"model": model, "adapter": adapter, "data": data, "task": task,
             "kind": kind, "examples": len(enc), "metrics": metrics}

@@ -22,6 +22,7 @@ from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
 from loralab.lora.dropout import use_fast_dropout
 from loralab.train import distributed, rundir
 from loralab.train.attention import use_fast_attention
+from loralab.train.first_token import use_first_token_only
 from loralab.train.loop import Loop
 from loralab.train.memory import (
     keep_freed_heap,
@@ -138,6 +139,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
         use_fast_dropout(model)  # the model's own dropout layers: same p, cheaper masks
         use_fast_attention(model)  # and attention dropout, where SDPA would take its math path
         keep_freed_heap()  # each micro-batch reuses the last one's pages
+    use_first_token_only(model)  # a [CLS] head reads one position of the last layer
     distributed.fit_wrap_policy(acc, model)
     limit = max_positions(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length
