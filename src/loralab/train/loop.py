@@ -118,7 +118,9 @@ class Loop:
             loss_total += loss_sum.detach()
         for dense in self.sparse_embeddings:  # one dense gradient per step, for AdamW
             dense.load()
-        if self.cfg.max_grad_norm > 0:
+        if self.cfg.max_grad_norm > 0 and self.sparse_embeddings:  # CPU, one process
+            clip_grad_norm(self.params, self.cfg.max_grad_norm, self.sparse_embeddings)
+        elif self.cfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if self.state.gradients_bytes == 0:
             self.state.gradients_bytes = gradient_bytes(self.model)
@@ -279,6 +281,28 @@ def _sparse_embeddings(model, world: int, device: str) -> list:
     return [emb.weight]
 
 
+def clip_grad_norm(params: list, max_norm: float, sparse: list[_DenseGrad]) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` for a step whose embedding gradients
+    came from sparse rows: their norm is taken over the rows written (the rest
+    are zeros), and nothing is multiplied when the norm is within bounds (torch
+    multiplies every gradient by 1.0). On minilm's 30,522 x 384 embedding that
+    is two full passes over 47 MB saved per step. Returns the total norm."""
+    rows = {id(d.param): d for d in sparse if d.holds_grad()}
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = [rows[id(p)].values.norm() if id(p) in rows else p.grad.norm() for p in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    coef = max_norm / (total + 1e-6)  # torch's epsilon
+    if coef < 1.0:
+        for p in grads:
+            if id(p) in rows:
+                rows[id(p)].scale_(coef)
+            else:
+                p.grad.mul_(coef)
+    return total
+
+
 class _DenseGrad:
     """The dense gradient of a sparse-gradient embedding, in one buffer kept
     across steps. A fresh (vocab x hidden) tensor per step costs more than the
@@ -287,7 +311,7 @@ class _DenseGrad:
     only the rows the previous step wrote are cleared."""
 
     def __init__(self, param: torch.Tensor):
-        self.param, self.buffer, self.rows = param, None, None
+        self.param, self.buffer, self.rows, self.values = param, None, None, None
 
     def load(self) -> None:
         """Replace the parameter's accumulated sparse gradient by the dense one."""
@@ -299,9 +323,18 @@ class _DenseGrad:
             self.buffer = torch.zeros_like(self.param)
         else:  # rows were set with the buffer
             self.buffer.index_fill_(0, self.rows, 0.0)
-        self.rows = grad.indices()[0]
-        self.buffer.index_copy_(0, self.rows, grad.values())
+        self.rows, self.values = grad.indices()[0], grad.values()
+        self.buffer.index_copy_(0, self.rows, self.values)
         self.param.grad = self.buffer
+
+    def holds_grad(self) -> bool:
+        """True if the parameter's gradient is this step's buffer."""
+        return self.buffer is not None and self.param.grad is self.buffer
+
+    def scale_(self, coef: float) -> None:
+        """Multiply the gradient by ``coef`` (only its written rows are nonzero)."""
+        self.values = self.values * coef
+        self.buffer.index_copy_(0, self.rows, self.values)
 
 
 class _Window:
