@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from loralab.data.batching import collate, plan_batches
 from loralab.data.encode import IGNORE, Encoded
-from loralab.train.distributed import rank_batches
+from loralab.train.distributed import is_sharded, rank_batches
 from loralab.train.metrics import classification_metrics, lm_metrics
 
 
@@ -20,12 +20,21 @@ class Evaluator:
         self.batch_size, self.labels = batch_size, label_names
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.multiple = 8 if accelerator.device.type == "cuda" else 1
+        if label_names is not None:
+            # scikit-learn's first import takes ~1.3 s on a 2-core CPU: here, before
+            # training starts, not inside the first eval and the run's train time
+            import sklearn.metrics  # noqa: F401
 
-    # no_grad, not inference_mode: FSDP2 keeps the gathered weight buffers it makes
-    # in the first forward, and inference tensors cannot be used by training later
-    @torch.no_grad()
     def evaluate(self, enc: Encoded) -> dict:
         """Metrics on ``enc`` (classification scores, or LM loss and perplexity)."""
+        # inference_mode, except under sharding: FSDP2 keeps the gathered weight
+        # buffers it makes in the first forward, and inference tensors cannot be
+        # used by training later (no_grad there)
+        grad_off = torch.no_grad if is_sharded(self.acc) else torch.inference_mode
+        with grad_off():
+            return self._evaluate(enc)
+
+    def _evaluate(self, enc: Encoded) -> dict:
         from accelerate.utils import gather_object
 
         was_training = self.model.training
