@@ -63,7 +63,11 @@ def enable_checkpointing(model, method: str) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise LoralabError(f"{type(model).__name__} does not support gradient checkpointing. "
                            "Drop --gradient-checkpointing.")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora", "head"):
         model.enable_input_require_grads()
 
