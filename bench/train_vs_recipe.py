@@ -10,6 +10,7 @@ Each job runs in its own subprocess (its own peak memory), one after another.
 
     .venv/bin/python bench/train_vs_recipe.py            # lora and full, 3 epochs
     .venv/bin/python bench/train_vs_recipe.py --methods lora --epochs 1
+    .venv/bin/python bench/train_vs_recipe.py --methods full --repeats 3
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--job", choices=["recipe", "loralab"])
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="recipe/loralab pairs per method, run back to back (median reported)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     if args.job:  # one measurement, in this subprocess
@@ -167,22 +171,31 @@ def main() -> None:
         return
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/datasets")
-    rows = []
+    rows, summary = [], {}
     for method in args.methods.split(","):
-        recipe = run_job("recipe", method, args.epochs, args.seed, 4, 4)
-        ours = run_job("loralab", method, args.epochs, args.seed, args.batch, args.accum)
-        row = {"method": method, "recipe": recipe, "loralab": ours,
-               "speedup": recipe["train_seconds"] / ours["train_seconds"],
-               "f1_delta_points": 100 * (ours["test_f1"] - recipe["test_f1"])}
-        rows.append(row)
-        print(f"{method}: recipe {recipe['train_seconds']:.1f} s F1 {recipe['test_f1']:.4f} | "
-              f"loralab {ours['train_seconds']:.1f} s F1 {ours['test_f1']:.4f} | "
-              f"{row['speedup']:.2f}x faster, F1 {row['f1_delta_points']:+.2f} points "
-              f"(load {recipe['load_average']} vs {ours['load_average']})", flush=True)
-        report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                  "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
-        if args.json:  # after every pair, so a long run keeps what it measured
-            Path(args.json).write_text(json.dumps(report, indent=2))
+        for _ in range(args.repeats):  # pairs back to back: the VM's speed drifts
+            recipe = run_job("recipe", method, args.epochs, args.seed, 4, 4)
+            ours = run_job("loralab", method, args.epochs, args.seed, args.batch, args.accum)
+            row = {"method": method, "recipe": recipe, "loralab": ours,
+                   "speedup": recipe["train_seconds"] / ours["train_seconds"],
+                   "f1_delta_points": 100 * (ours["test_f1"] - recipe["test_f1"])}
+            rows.append(row)
+            print(f"{method}: recipe {recipe['train_seconds']:.1f} s F1 {recipe['test_f1']:.4f} | "
+                  f"loralab {ours['train_seconds']:.1f} s F1 {ours['test_f1']:.4f} | "
+                  f"{row['speedup']:.2f}x faster, F1 {row['f1_delta_points']:+.2f} points "
+                  f"(load {recipe['load_average']} vs {ours['load_average']})", flush=True)
+            ratios = [r["speedup"] for r in rows if r["method"] == method]
+            summary[method] = {"pairs": len(ratios), "median_speedup": statistics.median(ratios),
+                               "min_speedup": min(ratios), "max_speedup": max(ratios)}
+            report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                      "command": " ".join([Path(sys.executable).name] + sys.argv),
+                      "summary": summary, "rows": rows}
+            if args.json:  # after every pair, so a long run keeps what it measured
+                Path(args.json).write_text(json.dumps(report, indent=2))
+        if args.repeats > 1:
+            m = summary[method]
+            print(f"{method}: median {m['median_speedup']:.2f}x over {m['pairs']} pairs "
+                  f"({m['min_speedup']:.2f}x to {m['max_speedup']:.2f}x)", flush=True)
     print(json.dumps(report, indent=2))
 
 
