@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import padded_batch
 from transformers import BertConfig, BertForSequenceClassification
 
 from loralab.train import attention as A
@@ -18,11 +19,7 @@ def bert(attn_drop: float = 0.1, implementation: str = "sdpa"):
 
 
 def batch():
-    ids = torch.randint(4, 50, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # padded rows exercise the attention mask
-    mask[2, 3:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_batch(50)
 
 
 def test_switches_sdpa_models_only():

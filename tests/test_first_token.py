@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import transformers as T
+from tiny_models import padded_batch
 
 from loralab.train.attention import use_fast_attention
 from loralab.train.first_token import use_first_token_only
@@ -32,12 +33,7 @@ def build(kind: str, implementation: str = "sdpa", **extra):
 
 
 def batch():
-    ids = torch.randint(4, 60, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # padded rows exercise the attention mask
-    mask[2, 3:] = 0
-    ids[mask == 0] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1])}
+    return dict(padded_batch(60, pad_id=1), labels=torch.tensor([0, 2, 1]))
 
 
 def close(got, want):  # in float64: rounding only, relative to the tensor's scale

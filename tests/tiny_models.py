@@ -17,6 +17,18 @@ from transformers import (
 VOCAB = 128
 
 
+def padded_batch(vocab: int, pad_id: int | None = None) -> dict:
+    """Three rows of 9 token ids, two of them padded (3 and 6 real tokens):
+    exercises the attention mask. ``pad_id`` fills the padded positions."""
+    ids = torch.randint(4, vocab, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    if pad_id is not None:
+        ids[mask == 0] = pad_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def tiny_bert(num_labels=3, seed=0):
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
