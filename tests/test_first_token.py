@@ -114,3 +114,19 @@ def test_left_alone_where_other_positions_count():
     assert not use_first_token_only(mlm)  # every position has a prediction
     assert not use_first_token_only(build("bert", "eager", chunk_size_feed_forward=4))
     assert not use_first_token_only(build("bert", is_decoder=True))
+
+
+def test_whole_layer_when_the_attention_is_no_longer_supported(monkeypatch):
+    from loralab.train import first_token
+
+    ref = build("bert", "eager")
+    model = copy.deepcopy(ref)
+    assert use_first_token_only(model)
+    monkeypatch.setattr(first_token, "ATTENTION", frozenset())  # as if switched after install
+    widths = []
+    model.bert.encoder.layer[-1].register_forward_hook(
+        lambda m, args, out: widths.append(out.shape[1]))
+    b = batch()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**b).logits, ref.eval()(**b).logits)
+    assert widths == [b["input_ids"].shape[1]]

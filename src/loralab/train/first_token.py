@@ -60,7 +60,12 @@ def _last_layer(model) -> torch.nn.Module | None:
     if not all(hasattr(attn, n) for n in ("query", "key", "value", "attention_head_size",
                                            "scaling", "dropout")):
         return None
-    return layer
+    return layer if _supported(layer) else None
+
+
+def _supported(layer) -> bool:
+    """Attention this layer's first-token forward can call (it can change after install)."""
+    return layer.attention.self.config._attn_implementation in ATTENTION
 
 
 def use_first_token_only(model) -> bool:
@@ -73,6 +78,8 @@ def use_first_token_only(model) -> bool:
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
+    if not _supported(self):  # e.g. switched to flash attention later: the whole layer
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     # the class's own forward checkpoints itself; this one takes over that part
     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
         return self._gradient_checkpointing_func(partial(_first_token, self, **kwargs),
@@ -86,9 +93,6 @@ def _first_token(self, hidden_states, attention_mask=None, encoder_hidden_states
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attn = self.attention.self
-    implementation = attn.config._attn_implementation
-    if implementation not in ATTENTION:
-        raise RuntimeError(f"first-token layer cannot run with {implementation!r} attention")
     b, t = hidden_states.shape[:2]
     d = attn.attention_head_size
     first = hidden_states[:, :1]  # (B, 1, H)
@@ -98,7 +102,7 @@ def _first_token(self, hidden_states, attention_mask=None, encoder_hidden_states
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
         attention_mask = attention_mask[:, :, :1]  # the first query's row: (B, 1, 1, T)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     context, _ = attend(attn, query, key, value, attention_mask,
                         dropout=attn.dropout.p if attn.training else 0.0,
                         scaling=attn.scaling, **kwargs)
