@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_train_support import CHAT_TEMPLATE, class_rows, make_tokenizer, write_csv
+from train_support import CHAT_TEMPLATE, class_rows, make_tokenizer, write_csv
 
 from loralab.data.batching import collate, count_targets, plan_batches, plan_steps, shard
 from loralab.data.encode import IGNORE, encode_classification, encode_conversations

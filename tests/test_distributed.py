@@ -22,22 +22,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import cli
 from safetensors.torch import load_file
-from test_train_support import (
+from train_support import (
     class_rows,
     make_tokenizer,
-    one_thread,
     save_tiny,
     sft_records,
     write_csv,
     write_jsonl,
 )
 
-from loralab.cli import main
 from loralab.errors import LoralabError
 from loralab.train import distributed
-
-pytestmark = pytest.mark.slow  # several two-process runs (~15 s each on 2 cores)
 
 LAUNCH_TIMEOUT_S = 300
 # rank 1 raises inside optimizer step 3 (after the checkpoint of step 2)
@@ -50,7 +47,7 @@ def train_step(self, micro):
         raise RuntimeError("injected failure in rank 1")
     return step(self, micro)
 L.Loop.train_step = train_step
-from loralab.cli import main
+from conftest import cli
 main(sys.argv[1:])
 """
 # accelerate prepares FSDP only for GPUs; force its FSDP2 path onto gloo/CPU
@@ -66,18 +63,15 @@ def make_accelerator(cfg):
     acc.state.fsdp_plugin = distributed.fsdp_plugin()
     return acc
 run.make_accelerator = make_accelerator
-from loralab.cli import main
+from conftest import cli
 main(sys.argv[1:])
 """
 
 
 # ---- fixtures ------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
 def tiny_gpt2(root: Path) -> Path:
@@ -136,13 +130,6 @@ def launch(args, *, script: Path | None = None, launcher: str = "torchrun",
     return subprocess.run(cmd + [str(a) for a in args], check=False, capture_output=True,
                           text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
 
-
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def worker(tmp_path: Path, name: str, code: str) -> Path:

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import lab_fixtures as F
 import pytest
-import test_lab_fixtures as F
 
 from loralab.cli import main
 

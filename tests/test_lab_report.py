@@ -10,8 +10,8 @@ import shutil
 import struct
 import subprocess
 
+import lab_fixtures as S
 import pytest
-import test_lab_fixtures as S
 
 from loralab.lab import results as R
 from loralab.lab.report import build_report, write_report

@@ -8,16 +8,14 @@ import math
 
 import pytest
 import torch
-from test_train_support import (
+from conftest import cli
+from train_support import (
     class_rows,
-    one_thread,
     save_tiny,
     sft_records,
     write_csv,
     write_jsonl,
 )
-
-from loralab.cli import main
 
 RUN_KEYS = {"method", "task", "model", "rank", "alpha", "targets", "trainable_params",
             "total_params", "trainable_percent", "train_seconds", "train_tokens",
@@ -25,19 +23,9 @@ RUN_KEYS = {"method", "task", "model", "rank", "alpha", "targets", "trainable_pa
             "artifact_bytes", "loss_curve"}
 
 
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,11 @@ exit code 2, and nothing written."""
 from __future__ import annotations
 
 import pytest
-from test_train_support import class_rows, one_thread, save_tiny, write_csv, write_jsonl
+from conftest import cli
+from train_support import class_rows, save_tiny, write_csv, write_jsonl
 
-from loralab.cli import main
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    import torch
-
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):

@@ -4,7 +4,7 @@ gradients and optimizer state, each byte counted once; the peak RSS reading."""
 from __future__ import annotations
 
 import torch
-from test_train_support import make_model
+from train_support import make_model
 
 from loralab.train.memory import (
     gradient_bytes,

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_support import class_rows, one_thread, save_tiny, write_csv
-
-from loralab.cli import main
+from conftest import cli
+from train_support import class_rows, save_tiny, write_csv
 
 # Runs `loralab train ...` in a fresh interpreter and delivers ``signal`` to
 # itself right after optimizer step ``at``: a kill at a known point.
@@ -29,27 +28,15 @@ def train_step(self, micro):
         os.kill(os.getpid(), sig)
     return out
 L.Loop.train_step = train_step
-from loralab.cli import main
+from conftest import cli
 main(sys.argv[3:])
 """
 
 
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    import torch
-
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -27,14 +27,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a shared 2-core machine
-    a single thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return before
-
-
 def make_tokenizer(kind: str, chat: bool = False):
     """A word-level fast tokenizer: BERT-style ([CLS] x [SEP]) or causal (eos only)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -137,21 +129,3 @@ def sft_records(n: int = 60, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def test_tiny_tokenizers_round_trip(tmp_path):
-    bert = make_tokenizer("bert")
-    ids = bert("invoice error")["input_ids"]
-    assert ids[0] == bert.cls_token_id and ids[-1] == bert.sep_token_id and len(ids) == 4
-    causal = make_tokenizer("causal", chat=True)
-    text = causal.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
-                                      add_generation_prompt=True)
-    assert text == "<user> hello <bot> "
-    d = save_tiny(tmp_path, "gpt2")
-    assert (d / "config.json").exists() and (d / "tokenizer.json").exists()
-
-
-def test_synthetic_data_is_balanced():
-    rows = class_rows(30)
-    assert sorted({lab for _, lab in rows}) == sorted(CLASSES)
-    assert all(len(t.split()) >= 3 for t, _ in rows)
