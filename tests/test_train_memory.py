@@ -27,7 +27,8 @@ def test_float_weights_counted_once_with_tied_embeddings():
 
 
 def test_nf4_weights_match_the_engine_count():
-    from loralab.lora.quant import is_4bit, quantize_model_4bit, quantized_bytes
+    from loralab.lora.base import is_4bit
+    from loralab.lora.quant import quantize_model_4bit, quantized_bytes
 
     model = make_model("bert", vocab_size=64)
     floats_before = sum(p.numel() * 4 for n, p in model.named_parameters()

@@ -36,8 +36,8 @@ def build_on_meta(config, task: str, num_labels: int = 2):
 def linear_groups(model) -> list[dict]:
     """Linear layers grouped by name with layer indices replaced by '*', each
     with the presets that select it."""
-    from loralab.lora import PRESETS, find_targets, is_linear
-    from loralab.lora.layer import base_shape
+    from loralab.lora import PRESETS, find_targets
+    from loralab.lora.base import base_shape, is_linear
 
     selected = {}
     for preset in PRESETS:

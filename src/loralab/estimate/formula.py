@@ -182,7 +182,7 @@ def _qlora_skip() -> tuple[str, ...]:
 
 def quantized_linears(model) -> list[str]:
     """Names of the linear layers ``loralab.lora.quant`` turns into NF4."""
-    from loralab.lora import is_linear
+    from loralab.lora.base import is_linear
 
     skip = _qlora_skip()
     return [n for n, m in model.named_modules() if is_linear(m) and not any(

@@ -13,6 +13,7 @@ from loralab.lora.adapters import (
     read_adapter_config,
     save_adapter,
 )
+from loralab.lora.base import is_linear
 from loralab.lora.inject import (
     ATTENTION,
     PRESETS,
@@ -23,7 +24,6 @@ from loralab.lora.inject import (
     disable_adapter,
     find_targets,
     inject_lora,
-    is_linear,
     linear_names,
     lora_shapes,
     set_active_adapter,

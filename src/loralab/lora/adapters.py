@@ -17,15 +17,15 @@ from torch import nn
 
 from loralab.errors import LoralabError
 from loralab.io import atomic_dir, atomic_write_json
+from loralab.lora.base import is_4bit, replace_module
 from loralab.lora.inject import (
     LoRAConfig,
-    _replace,
     adapter_layers,
     find_targets,
     inject_lora,
 )
 from loralab.lora.layer import LoRALinear, ModulesToSave
-from loralab.lora.quant import dequantize_model, is_4bit
+from loralab.lora.quant import dequantize_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -251,9 +251,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     and the adapter merged into those float weights (what it was trained on)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            _replace(model, name, module.unload(merge=True))
+            replace_module(model, name, module.unload(merge=True))
         elif isinstance(module, ModulesToSave):
-            _replace(model, name, module._module(module.active_adapter))
+            replace_module(model, name, module._module(module.active_adapter))
     for p in model.parameters():
         p.requires_grad_(False)
     model.__dict__.pop("loralab_adapters", None)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from loralab.errors import LoralabError
-from loralab.lora.layer import LoRALinear, ModulesToSave, base_shape
+from loralab.lora.base import base_shape, is_linear, replace_module
+from loralab.lora.layer import LoRALinear, ModulesToSave
 
 # Attention projections per architecture (model_type -> module-name suffixes).
 ATTENTION = {
@@ -68,10 +69,6 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit")
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -149,12 +146,6 @@ def default_modules_to_save(model: nn.Module, task: str | None) -> list[str]:
     return [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default",
                 target_names: list[str] | None = None) -> nn.Module:
     """Wrap the target layers with LoRA adapter ``adapter_name`` and freeze all
@@ -172,13 +163,13 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default"
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         module.add_adapter(adapter_name, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
     for name in mts:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         module.add_adapter(adapter_name)
     registry = model.__dict__.setdefault("loralab_adapters", {})
     registry[adapter_name] = {"config": cfg, "targets": list(target_names),

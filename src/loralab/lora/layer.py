@@ -15,21 +15,9 @@ import math
 import torch
 from torch import nn
 
+from loralab.lora.base import base_shape, is_4bit, is_conv1d
 from loralab.lora.dropout import Dropout
-from loralab.lora.quant import dequantize_linear, is_4bit
-
-
-def base_shape(base: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of nn.Linear, GPT-2 Conv1D or bnb Linear4bit."""
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return int(base.in_features), int(base.out_features)
-    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
-        return int(base.weight.shape[0]), int(base.nf)
-    raise TypeError(f"cannot wrap {type(base).__name__}: not a linear layer")
-
-
-def is_conv1d(base: nn.Module) -> bool:
-    return type(base).__name__ == "Conv1D"
+from loralab.lora.quant import dequantize_linear
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool):

@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loralab.lora.base import is_4bit, is_conv1d, is_linear, replace_module
+
 NF4_BLOCKSIZE = 64  # QLoRA §3: blocksize 64 for the weights
 # bitsandbytes' second-level (double quant) blocksize is fixed at 256.
-
-
-def is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
@@ -38,7 +36,7 @@ def quantize_linear(linear: nn.Module, compute_dtype=torch.float32) -> nn.Module
     import bitsandbytes as bnb
 
     weight = linear.weight.data
-    if type(linear).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+    if is_conv1d(linear):  # GPT-2 stores (in, out)
         weight = weight.T
     out_features, in_features = weight.shape
     device = weight.device if weight.device.type != "meta" else torch.device("cpu")
@@ -65,17 +63,13 @@ def quantize_model_4bit(model: nn.Module, compute_dtype=torch.float32,
                         skip: tuple[str, ...] = ("lm_head", "classifier", "score")) -> int:
     """Replace every linear layer except those named in ``skip`` by NF4 layers,
     in place. Returns how many layers were quantized."""
-    from loralab.lora.inject import is_linear
-
     count = 0
     for name, module in list(model.named_modules()):
         if not is_linear(module) or is_4bit(module):
             continue
         if any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(module, compute_dtype))
+        replace_module(model, name, quantize_linear(module, compute_dtype))
         count += 1
     model.loralab_quantized = True
     return count
@@ -99,9 +93,7 @@ def dequantize_model(model: nn.Module) -> int:
     count = 0
     for name, module in list(model.named_modules()):
         if is_4bit(module):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, dequantize_linear(module))
+            replace_module(model, name, dequantize_linear(module))
             count += 1
     model.loralab_quantized = False
     return count
