@@ -232,6 +232,7 @@ class BatchDecoder:
                      for r in requests]
         self.cache = _new_cache(model)
         self.cache_kw = _cache_kwarg(model)
+        self.device = next(model.parameters()).device  # the lab decodes on CUDA when present
         self.mask = self.positions = self.next_ids = None
         self.started = False
 
@@ -252,6 +253,7 @@ class BatchDecoder:
         for i, p in enumerate(prompts):  # left padding: every row ends at the same column
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0.. within each prompt
         self.mask, self.positions = mask, positions[:, -1:]
         return self._forward(ids, mask, positions)
@@ -290,7 +292,7 @@ class BatchDecoder:
     def _prune(self, tokens: list[int]) -> list[int]:
         keep = [i for i, row in enumerate(self.rows) if not row.request.done]
         if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long)
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
             if keep:
                 self.cache.batch_select_indices(index)
             self.mask, self.positions = self.mask[index], self.positions[index]
@@ -306,7 +308,8 @@ class BatchDecoder:
             self.started = True
             logits = self._prefill()
         else:
-            ids = torch.tensor(self.next_ids, dtype=torch.long).unsqueeze(1)  # (B, 1)
+            ids = torch.tensor(self.next_ids, dtype=torch.long,
+                               device=self.device).unsqueeze(1)  # (B, 1)
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             self.positions = self.positions + 1  # (B, 1)
             logits = self._forward(ids, self.mask, self.positions)

@@ -1,8 +1,9 @@
 """Side-by-side generations: the same held-out prompts answered by the base
 model and by each fine-tuned run, greedy, with the same token budget.
 
-Prompts are formatted by ``loralab.data.prompts``, the module training uses,
-so every model is asked in the format it was tuned on.
+Prompts are formatted by ``loralab.data.prompts`` (through
+``loralab.generation.encode_chat``), the module training uses, so every model
+is asked in the format it was tuned on.
 """
 
 from __future__ import annotations
@@ -54,18 +55,22 @@ def load_for_generation(job: dict):
     return load_adapter(model, run_dir / "adapter"), tok
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:
-    """Greedy answers to ``prompts``, one batch, left-padded."""
-    from loralab.data.prompts import build_chat_prompt, has_chat_template
+    """Greedy answers to ``prompts``, one batch, decoded by the loop ``loralab
+    generate`` and ``serve`` use, so the report shows what those would answer."""
+    from loralab.generation import (
+        GenerationRequest,
+        SamplingParams,
+        check_context,
+        encode_chat,
+        generate_batch,
+    )
 
-    texts = [build_chat_prompt(tokenizer, p["messages"]) for p in prompts]
-    tokenizer.padding_side = "left"
-    specials = not has_chat_template(tokenizer)  # as in training: templates write their BOS
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=specials)
+    params = SamplingParams(max_tokens=max_new_tokens)  # temperature 0: greedy
+    requests = [GenerationRequest(encode_chat(tokenizer, p["messages"]), params)
+                for p in prompts]
     model.to(device()).eval()
-    out = model.generate(  # (B, T + new)
-        input_ids=enc["input_ids"].to(device()), attention_mask=enc["attention_mask"].to(device()),
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    new = out[:, enc["input_ids"].shape[1]:]  # (B, new)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    for request in requests:
+        check_context(model, len(request.prompt_ids), max_new_tokens)
+    generate_batch(model, tokenizer, requests)
+    return [request.text.strip() for request in requests]
