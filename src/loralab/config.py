@@ -66,7 +66,11 @@ class TrainConfig:
     alpha: float | None = None  # None: 2 * rank
     dropout: float = 0.0
     targets: str = "attention"  # "attention", "all-linear", "a,b,c" suffixes or "re:..."
-    use_rslora: bool = False
+    use_rslora: bool = False  # rsLoRA (Kalajdzievski, 2023): scaling alpha / sqrt(r)
+    # LoRA variants under peft's names (method lora or qlora; see loralab.lora.variants)
+    use_dora: bool = False  # DoRA (Liu et al., 2024); on qlora: QDoRA
+    init_lora_weights: str = "default"  # default (peft's true), gaussian, pissa[_niter_K], olora
+    lora_plus_ratio: float | None = None  # LoRA+ (Hayou et al., 2024): B's lr = ratio x lr; 16
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
@@ -169,6 +173,7 @@ def validate(cfg: TrainConfig) -> None:
            "method 'head' trains a classification head and does not fit task 'sft'. "
            "Use --method lora, qlora or full for instruction tuning.")
     _check(cfg.rank >= 1, f"rank must be >= 1 (got {cfg.rank}). Pass --rank 8, for example.")
+    validate_variant(cfg)
     _check(cfg.alpha > 0, f"alpha must be > 0 (got {cfg.alpha}).")
     _check(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1) (got {cfg.dropout}).")
     _check(cfg.lr > 0, f"lr must be > 0 (got {cfg.lr}).")
@@ -201,6 +206,32 @@ def validate(cfg: TrainConfig) -> None:
            f"Use one of: {', '.join(valid_metrics)}.")
 
 
+def validate_variant(cfg: TrainConfig) -> None:
+    """DoRA, PiSSA/OLoRA and LoRA+ apply to LoRA layers: refuse them elsewhere."""
+    init = str(cfg.init_lora_weights).strip().lower()
+    cfg.init_lora_weights = "default" if init in ("true", "default") else init
+    if cfg.init_lora_weights != "default":
+        from loralab.lora.variants import INIT_HINT, is_mutated_init, parse_init
+
+        _check(cfg.init_lora_weights != "false", "init_lora_weights false starts A and B "
+               f"random, so training does not start from the base model. {INIT_HINT}")
+        parse_init(cfg.init_lora_weights)
+        mutated = is_mutated_init(cfg.init_lora_weights)
+        _check(cfg.method == "lora" or not mutated and cfg.method == "qlora",
+               f"init_lora_weights {cfg.init_lora_weights} needs method lora (got "
+               f"{cfg.method}): " + ("PiSSA/OLoRA keep W - BA in the base weight, which a 4-bit "
+                                     "base cannot hold without re-quantizing it." if mutated
+                                     else "only LoRA layers have A and B to initialise."))
+    lora = cfg.method in ("lora", "qlora")
+    _check(lora or not cfg.use_dora, f"use_dora needs method lora or qlora (got {cfg.method}): "
+           "DoRA rescales LoRA layers. Drop --use-dora or pass --method lora.")
+    if cfg.lora_plus_ratio is not None:
+        _check(cfg.lora_plus_ratio > 0, f"lora_plus_ratio must be > 0 (got "
+               f"{cfg.lora_plus_ratio}); the LoRA+ paper uses 16.")
+        _check(lora, f"lora_plus_ratio needs method lora or qlora (got {cfg.method}): it sets "
+               "the learning rate of LoRA's B matrices.")
+
+
 # ---- building a config from YAML + key=value + options ------------------
 
 def field_names() -> list[str]:
@@ -225,6 +256,8 @@ def coerce(name: str, value):
             f"{name} cannot be empty. Give it a value, e.g. {name}={_example(base)}.")
     if isinstance(value, str) and base is not str:
         value = yaml.safe_load(value)
+    if name == "init_lora_weights" and isinstance(value, bool):  # peft's true / false
+        value = "default" if value else "false"
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool)

@@ -20,6 +20,9 @@ OPTIONS = [
     ("--alpha", float, "LoRA alpha (default 2 x rank)."),
     ("--targets", str, "LoRA targets: attention, all-linear, a,b,c or re:REGEX."),
     ("--dropout", float, "LoRA dropout."),
+    ("--init-lora-weights", str, ("LoRA init, peft's names: default, gaussian, pissa, "
+                                  "pissa_niter_K (fast SVD), olora.")),
+    ("--lora-plus-ratio", float, "LoRA+: B's learning rate = ratio x --lr (paper: 16)."),
     ("--epochs", float, "Epochs."),
     ("--max-steps", int, "Optimizer steps (overrides --epochs)."),
     ("--batch-size", int, "Examples per micro-batch (per process)."),
@@ -48,6 +51,10 @@ def _add_options(func):
 @click.command("train", context_settings={"show_default": False})
 @click.argument("args", nargs=-1)
 @_add_options
+@click.option("--use-dora", is_flag=True, default=None,
+              help="DoRA: a learned magnitude per output feature (QDoRA with --method qlora).")
+@click.option("--use-rslora", is_flag=True, default=None,
+              help="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None,
               help="Recompute activations in backward to save memory.")
 @click.option("--fsdp", is_flag=True, default=None,

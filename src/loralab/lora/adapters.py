@@ -26,6 +26,12 @@ from loralab.lora.inject import (
 )
 from loralab.lora.layer import LoRALinear, ModulesToSave
 from loralab.lora.quant import dequantize_model
+from loralab.lora.variants import (
+    as_plain_lora,
+    check_peft_config,
+    converted_alpha,
+    is_mutated_init,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,31 +72,47 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(names)
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
-    """peft-keyed tensors of one adapter (LoRA A/B and head copies)."""
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
+                       as_lora: bool = False) -> dict:
+    """peft-keyed tensors of one adapter (LoRA A/B, DoRA magnitudes, head copies).
+
+    ``as_lora``: a PiSSA/OLoRA adapter as the rank-2r plain LoRA relative to the
+    original base (peft's ``path_initial_model_for_weight_conversion``).
+    """
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
-            state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
-            state[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            if as_lora and adapter_name in module.init_factors:
+                A, B = as_plain_lora(A, B, *module.init_factors[adapter_name])
+            state[f"{PREFIX}{name}.lora_A.weight"] = A
+            state[f"{PREFIX}{name}.lora_B.weight"] = B
+            if adapter_name in module.lora_magnitude_vector:  # peft's key, no ".weight"
+                state[f"{PREFIX}{name}.lora_magnitude_vector"] = (
+                    module.lora_magnitude_vector[adapter_name].weight)
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for pname, p in module.modules_to_save[adapter_name].state_dict().items():
                 state[f"{PREFIX}{name}.{pname}"] = p
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_path: str | None):
+def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_path: str | None,
+                     as_lora: bool = False):
     entry = model.loralab_adapters[adapter_name]
     cfg: LoRAConfig = entry["config"]
     names = entry["targets"]
     fan_in_fan_out = any(model.get_submodule(n).fan_in_fan_out for n in names)
     task = _task_of(model, cfg.task)
+    init = cfg.init_lora_weights
+    r, alpha = cfg.r, cfg.alpha
+    if as_lora and is_mutated_init(init):  # rank 2r, same scaling (peft's save_pretrained)
+        r, alpha, init = 2 * r, converted_alpha(alpha, cfg.use_rslora), True
     return {
         "peft_type": "LORA",
         "task_type": TASK_TYPES.get(task),
         "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": _target_modules(model, names),
         "use_rslora": cfg.use_rslora,
@@ -98,8 +120,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_pat
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "inference_mode": True,
-        "init_lora_weights": True,
-        "use_dora": False,
+        "init_lora_weights": init,
+        "use_dora": cfg.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -109,15 +131,17 @@ def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_pat
 
 
 def save_adapter(model: nn.Module, out_dir, *, base_model_name_or_path: str | None = None,
-                 adapter_name: str = "default", metadata: dict | None = None) -> Path:
-    """Write adapter ``adapter_name`` of ``model`` to ``out_dir`` (atomically)."""
+                 adapter_name: str = "default", metadata: dict | None = None,
+                 as_lora: bool = False) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to ``out_dir`` (atomically);
+    ``as_lora``: PiSSA/OLoRA converted to a plain LoRA (``adapter_state_dict``)."""
     from safetensors.torch import save_file
 
     if adapter_name not in getattr(model, "loralab_adapters", {}):
         raise LoralabError(f"the model has no adapter named '{adapter_name}' to save.")
     base = base_model_name_or_path or getattr(model, "loralab_model_name", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None)
-    config = peft_config_dict(model, adapter_name, base)
+    config = peft_config_dict(model, adapter_name, base, as_lora=as_lora)
     task = _task_of(model, model.loralab_adapters[adapter_name]["config"].task)
     meta = {"base_model": base, "task": task}
     if any(is_4bit(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)):
@@ -125,7 +149,7 @@ def save_adapter(model: nn.Module, out_dir, *, base_model_name_or_path: str | No
     meta.update(metadata or {})
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(adapter_state_dict(model, adapter_name), str(tmp / WEIGHTS_NAME),
+        save_file(adapter_state_dict(model, adapter_name, as_lora), str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_NAME, config)
         atomic_write_json(tmp / META_NAME, meta)
@@ -171,6 +195,7 @@ def _read_weights(adapter_dir: Path) -> dict:
 
 
 def _config_from_peft(config: dict, task: str | None) -> LoRAConfig:
+    check_peft_config(config, config.get("_dir", "?"))  # never load without a variant
     targets = config.get("target_modules") or []
     if targets == PEFT_NO_TARGETS:
         targets = []
@@ -180,6 +205,9 @@ def _config_from_peft(config: dict, task: str | None) -> LoRAConfig:
         r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
         dropout=float(config.get("lora_dropout", 0.0)), targets=targets,
         use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        # PiSSA/OLoRA in the residual form: the init is redone on the base, as peft does
+        init_lora_weights=config.get("init_lora_weights", True),
         modules_to_save=list(config.get("modules_to_save") or []),
         task=task)
 
@@ -226,10 +254,17 @@ def _load_tensors(model, weights: dict, names: list[str], heads: list[str], adap
         layer = model.get_submodule(n)
         params[f"{n}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         params[f"{n}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            params[f"{n}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     for h in heads:
         for pname, p in model.get_submodule(h).modules_to_save[adapter_name].state_dict(
                 keep_vars=True).items():
             params[f"{h}.{pname}"] = p
+    unknown = sorted(k for k in weights if ".lora_" in k and k not in params)
+    if unknown:
+        raise LoralabError(f"adapter weights hold tensors loralab would ignore: {unknown[0]}"
+                           + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "") + ".",
+                           hint="Fix: load it with peft; its config does not announce them.")
     for key, target in params.items():
         if key not in weights:
             raise LoralabError(f"adapter weights lack '{key}'.",

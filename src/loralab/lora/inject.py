@@ -17,6 +17,7 @@ from torch import nn
 from loralab.errors import LoralabError
 from loralab.lora.base import base_shape, is_linear, replace_module
 from loralab.lora.layer import LoRALinear, ModulesToSave
+from loralab.lora.variants import parse_init
 
 # Attention projections per architecture (model_type -> module-name suffixes).
 ATTENTION = {
@@ -52,6 +53,8 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: str | list[str] = "attention"
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (Liu et al., 2024): a learned magnitude per output row
+    init_lora_weights: bool | str = True  # peft's values: gaussian, pissa[_niter_K], olora
     modules_to_save: list[str] | None = None  # None: the head for seq-cls models
     task: str | None = None  # "classify" | "sft" | None
     extra: dict = field(default_factory=dict)
@@ -66,6 +69,7 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise LoralabError(f"dropout must be in [0, 1), got {self.dropout!r}.",
                                hint="Fix: pass --dropout 0.05 (or 0 to disable).")
+        self.init_lora_weights = parse_init(self.init_lora_weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +168,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default"
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module)
             replace_module(model, name, module)
-        module.add_adapter(adapter_name, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+        module.add_adapter(adapter_name, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
+                           use_dora=cfg.use_dora, init=cfg.init_lora_weights)
     for name in mts:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -183,7 +188,8 @@ def freeze_for_adapter(model: nn.Module, adapter_name: str) -> None:
     """Only ``adapter_name``'s LoRA weights and head copies stay trainable."""
     for pname, param in model.named_parameters():
         parts = pname.split(".")
-        trainable = (("lora_A" in parts or "lora_B" in parts or "modules_to_save" in parts)
+        trainable = (any(p in parts for p in ("lora_A", "lora_B", "lora_magnitude_vector",
+                                              "modules_to_save"))
                      and adapter_name in parts)
         param.requires_grad_(trainable)
 

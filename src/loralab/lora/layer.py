@@ -2,6 +2,11 @@
 
     y = base(x) + (dropout(x) @ A^T @ B^T) * scaling          (Hu et al., 2021)
 
+DoRA (Liu et al., 2024) rescales each output row of W + ΔW to a learned
+magnitude m: ``y = m / ||W + ΔW|| * (W + ΔW) x``, the norm detached (§4.3);
+PiSSA and OLoRA start A and B from W's principal directions and keep the
+residual in the base weight (``loralab.lora.variants`` holds the formulas).
+
 The base layer is kept intact as ``base_layer`` (peft's layout, so state-dict
 keys match peft), which makes merge, unmerge, disable and quantized bases fall
 out naturally. Several named adapters can live on one layer; one is active, or
@@ -13,11 +18,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from loralab.errors import LoralabError
 from loralab.lora.base import base_shape, is_4bit, is_conv1d
 from loralab.lora.dropout import Dropout
-from loralab.lora.quant import dequantize_linear
+from loralab.lora.quant import dequantize_linear, dequantize_weight
+from loralab.lora.variants import dora_merged, dora_weight_norm, is_mutated_init, mutated_factors
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool):
@@ -34,6 +42,15 @@ def merge_weight(weight, A, B, scaling, fan_in_fan_out=False):
     return (weight.float() + lora_delta(A, B, scaling, fan_in_fan_out)).to(weight.dtype)
 
 
+class DoRAMagnitude(nn.Module):
+    """DoRA's magnitude vector m (out,) as ``weight``: peft's DoraLinearLayer
+    layout, so the in-model key is ``lora_magnitude_vector.<adapter>.weight``."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoRALinear(nn.Module):
     """Wraps (does not copy) a linear base layer and adds named LoRA adapters."""
 
@@ -45,6 +62,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        # PiSSA/OLoRA: (A0, B0) the adapter started from, to write it as a plain LoRA
+        self.init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.active_adapter: str | None = None
@@ -56,7 +76,10 @@ class LoRALinear(nn.Module):
 
     # -- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False) -> None:
+                    use_rslora: bool = False, use_dora: bool = False,
+                    init: bool | str = True) -> None:
+        """``init``: peft's init_lora_weights (True, False, "gaussian", "pissa",
+        "pissa_niter_K", "olora"; see ``variants.parse_init``)."""
         weight = self.base_weight_ref()
         device = weight.device
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
@@ -66,21 +89,76 @@ class LoRALinear(nn.Module):
         # rsLoRA (Kalajdzievski, 2023): alpha / sqrt(r) keeps updates stable at high rank.
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.r[name] = r
-        self.reset_adapter(name)
+        self.reset_adapter(name, init)
+        if use_dora:  # after the init: m starts at ||W_res + s·B0A0|| = ||W||
+            self.add_magnitude(name)
         if self.active_adapter is None:
             self.active_adapter = name
 
-    def reset_adapter(self, name: str) -> None:
-        # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)); B = 0, so the
-        # wrapped layer equals the base exactly at init (Hu et al., 2021, §4.1).
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+    def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        """A and B as peft's ``init_lora_weights`` says (peft's update_layer)."""
+        if init is False:  # nn.Linear's random init for both: not a no-op (tests)
+            return
+        if is_mutated_init(init):
+            self._mutated_init(name, init)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+        else:
+            # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)); B = 0, so the
+            # wrapped layer equals the base exactly at init (Hu et al., 2021, §4.1).
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
+
+    def _mutated_init(self, name: str, init: str) -> None:
+        """PiSSA/OLoRA: A0, B0 from W; the base keeps ``W - s·B0A0`` (peft's
+        pissa_init/olora_init), so the layer still equals the base at init."""
+        if is_4bit(self.base_layer):
+            raise LoralabError(
+                f"init_lora_weights={init} needs a float base: the residual W - BA of a 4-bit "
+                "base cannot be kept without re-quantizing it (peft refuses PiSSA on 4-bit too).",
+                hint="Fix: use --method lora with PiSSA/OLoRA, or the default init with qlora.")
+        weight = self.base_layer.weight
+        dense = self.dense_weight()  # (out, in) fp32
+        scaling = self.scaling[name]
+        A0, B0 = mutated_factors(dense, self.r[name], scaling, init)  # (r, in), (out, r)
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A0)
+            self.lora_B[name].weight.copy_(B0)
+            residual = dense - scaling * (B0 @ A0)  # (out, in)
+            weight.data = (residual.T if self.fan_in_fan_out else residual).contiguous().to(
+                weight.dtype)
+        self.init_factors[name] = (self.lora_A[name].weight.detach().clone(),
+                                   self.lora_B[name].weight.detach().clone())
+
+    def add_magnitude(self, name: str) -> None:
+        """DoRA's m = ||W + s·BA|| per output row, so the layer is unchanged at init."""
+        with torch.no_grad():
+            norm = dora_weight_norm(self.dense_weight(), self.delta_weight_dense(name))
+        dtype = self.lora_A[name].weight.dtype
+        self.lora_magnitude_vector[name] = DoRAMagnitude(norm.to(dtype))  # (out,)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a float (out, in) tensor: the 4-bit base dequantized
+        (QDoRA norms use the weights the layer computes with), Conv1D transposed."""
+        if is_4bit(self.base_layer):
+            return dequantize_weight(self.base_layer)
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight_dense(self, name: str) -> torch.Tensor:
+        """``s·B @ A`` as (out, in), in the adapter's dtype."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return (B @ A) * self.scaling[name]  # (out, r) @ (r, in)
 
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
             self.unmerge()
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self.init_factors.pop(name, None)
         self.scaling.pop(name)
         self.r.pop(name)
         if self.active_adapter == name:
@@ -90,10 +168,35 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight
 
     # -- forward ------------------------------------------------------------
-    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``result``."""
+        if name in self.lora_magnitude_vector:
+            return self._dora(name, x, result)
         A, B = self.lora_A[name], self.lora_B[name]
         x = x.to(A.weight.dtype)
         return B(A(self.lora_dropout[name](x))) * self.scaling[name]  # (..., in) -> (..., out)
+
+    def _dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``(m/||W + sBA|| - 1) · Wx + m/||W + sBA|| · s·BAx`` (peft's DoraLinearLayer).
+
+        The norm is detached (DoRA §4.3: it then needs no gradient memory); with
+        dropout in training the base term is recomputed on the dropped input.
+        """
+        A, B = self.lora_A[name], self.lora_B[name]
+        dtype = A.weight.dtype
+        weight = self.dense_weight().to(dtype)  # (out, in)
+        norm = dora_weight_norm(weight, self.delta_weight_dense(name).detach()).detach()
+        scale = self.lora_magnitude_vector[name].weight / norm  # (out,)
+        dropout = self.lora_dropout[name]
+        x = x.to(dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = result.to(dtype) - (bias.to(dtype) if bias is not None else 0)  # (..., out)
+        else:
+            x = dropout(x)
+            base = F.linear(x, weight)  # (..., out)
+        lora = B(A(x)) * self.scaling[name]  # (..., out)
+        return ((scale - 1) * base + scale * lora).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (B, T, out)
@@ -104,6 +207,8 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if name is None or name not in self.lora_A or name == self.merged_adapter:
             return result
+        if name in self.lora_magnitude_vector:
+            return result + self._dora(name, x, result)
         A, B = self.lora_A[name], self.lora_B[name]
         h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
         if h.dtype == result.dtype:
@@ -125,7 +230,7 @@ class LoRALinear(nn.Module):
             if name is None or name not in self.lora_A:
                 continue
             idx = idx.to(x.device)
-            delta[idx] = self._lora(name, x[idx]).to(result.dtype)  # (rows, T, out)
+            delta[idx] = self._lora(name, x[idx], result[idx]).to(result.dtype)  # (rows, T, out)
         return result + delta
 
     # -- merge --------------------------------------------------------------
@@ -151,9 +256,7 @@ class LoRALinear(nn.Module):
         else:
             weight = self.base_layer.weight
             self._unmerged_base = weight.data
-            weight.data = merge_weight(weight.data, self.lora_A[name].weight,
-                                       self.lora_B[name].weight, self.scaling[name],
-                                       self.fan_in_fan_out)
+            weight.data = self.merged_weight(weight.data, name)
         self.merged_adapter = name
 
     def unmerge(self) -> None:
@@ -174,9 +277,19 @@ class LoRALinear(nn.Module):
         """
         linear = dequantize_linear(self.base_layer)
         if name is not None:
-            linear.weight.data = merge_weight(linear.weight.data, self.lora_A[name].weight,
-                                              self.lora_B[name].weight, self.scaling[name])
+            linear.weight.data = self.merged_weight(linear.weight.data, name)
         return linear
+
+    def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``weight`` (as stored: (out, in), or (in, out) for Conv1D) with adapter
+        ``name`` folded in, in fp32, cast back; DoRA: ``m/||W+ΔW|| · (W+ΔW)``."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if name not in self.lora_magnitude_vector:
+            return merge_weight(weight, A, B, self.scaling[name], self.fan_in_fan_out)
+        dense = weight.T if self.fan_in_fan_out else weight  # (out, in)
+        merged = dora_merged(dense, lora_delta(A, B, self.scaling[name], False),
+                             self.lora_magnitude_vector[name].weight)
+        return (merged.T if self.fan_in_fan_out else merged).contiguous().to(weight.dtype)
 
     def unload(self, merge: bool = True) -> nn.Module:
         """The plain base layer, with the active adapter folded in when ``merge``.
@@ -190,13 +303,12 @@ class LoRALinear(nn.Module):
             return self._dequantized_linear(name)
         if name is not None:
             weight = self.base_layer.weight
-            weight.data = merge_weight(weight.data, self.lora_A[name].weight,
-                                       self.lora_B[name].weight, self.scaling[name],
-                                       self.fan_in_fan_out)
+            weight.data = self.merged_weight(weight.data, name)
         return self.base_layer
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        ranks = ", ".join(f"{n}: r={r}{' dora' if n in self.lora_magnitude_vector else ''}"
+                          for n, r in self.r.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}]"
 
 

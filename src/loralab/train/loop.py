@@ -60,7 +60,7 @@ class Loop:
         self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.warmup = int(cfg.warmup_ratio * self.total_steps)
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.lora_plus_ratio)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = make_scheduler(self.optimizer, cfg.scheduler, self.warmup,
                                         self.total_steps)

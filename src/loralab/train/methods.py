@@ -54,6 +54,7 @@ def apply_method(model, cfg) -> None:
         return
     inject_lora(model, LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                   targets=cfg.targets, use_rslora=cfg.use_rslora,
+                                  use_dora=cfg.use_dora, init_lora_weights=cfg.init_lora_weights,
                                   task=cfg.task))
 
 

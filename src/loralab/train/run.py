@@ -20,6 +20,7 @@ from loralab.data.tables import read_text_file
 from loralab.errors import LoralabError
 from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
 from loralab.lora.dropout import use_fast_dropout
+from loralab.lora.variants import is_mutated_init
 from loralab.train import distributed, rundir
 from loralab.train.attention import use_fast_attention
 from loralab.train.first_token import use_first_token_only
@@ -207,6 +208,9 @@ def _final_eval(loop: Loop, splits, general, before) -> dict:
     return out
 
 
+RESIDUAL_ADAPTER = "adapter-residual"  # PiSSA/OLoRA in the form they trained in
+
+
 def _save(loop: Loop, cfg: TrainConfig, tok, run_dir: Path, prep, splits, results) -> None:
     model = loop.acc.unwrap_model(loop.model)
     labels = prep.label_map.labels if prep.label_map else None
@@ -219,9 +223,15 @@ def _save(loop: Loop, cfg: TrainConfig, tok, run_dir: Path, prep, splits, result
         from loralab.lora import save_adapter
 
         target = run_dir / "adapter"
-        save_adapter(model, target, base_model_name_or_path=cfg.model,
-                     metadata={"method": cfg.method, "labels": labels,
-                               "max_length": cfg.max_length})
+        meta = {"method": cfg.method, "labels": labels, "max_length": cfg.max_length}
+        save_adapter(model, target, base_model_name_or_path=cfg.model, metadata=meta,
+                     as_lora=True)
+        if is_mutated_init(cfg.init_lora_weights):
+            # adapter/ is the plain rank-2r LoRA on the original base (what merge,
+            # eval, serve and vLLM load); this is the rank-r PiSSA/OLoRA form peft
+            # reloads by redoing the init on the base (docs/variants.md)
+            save_adapter(model, run_dir / RESIDUAL_ADAPTER, base_model_name_or_path=cfg.model,
+                         metadata=meta)
     metrics = build_metrics(loop, cfg, model, results, rundir.dir_bytes(target), prep, splits)
     atomic_write_json(run_dir / "metrics.json", metrics)
     for leftover in ("checkpoint", "best"):
