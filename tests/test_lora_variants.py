@@ -281,3 +281,42 @@ def test_variant_that_does_not_apply_exits_2_with_one_line(flags, capsys, tmp_pa
     assert cli("train", "--output", tmp_path / "run", *flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
+
+
+# ---- end to end: `loralab train` -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    from train_support import save_tiny, sft_records, write_jsonl
+
+    root = tmp_path_factory.mktemp("variants")
+    return save_tiny(root, "llama"), write_jsonl(root / "sft.jsonl", sft_records(24))
+
+
+def test_train_pissa_dora_lora_plus_writes_both_forms(tiny_run_inputs, tmp_path):
+    from loralab.lora.adapters import load_base_and_adapter
+
+    model, data = tiny_run_inputs
+    out = tmp_path / "run"
+    assert cli("train", "--model", model, "--data", data, "--method", "lora", "--rank", 4,
+               "--use-dora", "--init-lora-weights", "pissa", "--lora-plus-ratio", 16,
+               "--max-steps", 3, "--batch-size", 4, "--lr", 1e-3, "--output", out,
+               "--quiet") == 0
+    main = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    residual = json.loads((out / "adapter-residual" / "adapter_config.json").read_text())
+    assert (main["r"], main["init_lora_weights"], main["use_dora"]) == (8, True, True)
+    assert (residual["r"], residual["init_lora_weights"]) == (4, "pissa")
+    saved = yaml_config(out)
+    assert (saved["use_dora"], saved["init_lora_weights"], saved["lora_plus_ratio"]) == (
+        True, "pissa", 16.0)
+    # the plain form on the original base = the residual form with the SVD redone
+    a, _, _ = load_base_and_adapter(out / "adapter")
+    b, _, _ = load_base_and_adapter(out / "adapter-residual")
+    ids = IDS % a.config.vocab_size
+    assert _max_diff(logits(a, ids), logits(b, ids)) <= 1e-4
+
+
+def yaml_config(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
