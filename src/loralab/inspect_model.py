@@ -8,31 +8,6 @@ from collections import OrderedDict
 from loralab.errors import LoralabError
 
 
-def infer_task(config) -> str:
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(
-            config, "is_decoder", False):
-        return "sft"
-    return "classify"
-
-
-def build_on_meta(config, task: str, num_labels: int = 2):
-    """The model's module tree with no weight memory."""
-    import torch
-    import transformers
-
-    cls = {"classify": "AutoModelForSequenceClassification", "sft": "AutoModelForCausalLM",
-           "base": "AutoModel"}[task]
-    if task == "classify":
-        config.num_labels = num_labels
-    try:
-        with torch.device("meta"):
-            return getattr(transformers, cls).from_config(config)
-    except (ValueError, KeyError) as err:
-        raise LoralabError(f"cannot build a {task} model for this config: {err}.",
-                           hint="Fix: pass --task sft or --task classify to match the model.")
-
-
 def linear_groups(model) -> list[dict]:
     """Linear layers grouped by name with layer indices replaced by '*', each
     with the presets that select it."""

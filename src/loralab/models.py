@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +44,93 @@ ALIASES = {
 TASK_CLASSES = {
     "classify": "AutoModelForSequenceClassification",
     "sft": "AutoModelForCausalLM",
+    "lm": "AutoModelForCausalLM",
     "base": "AutoModel",
 }
+
+
+# ---- facts about a model: asked here, nowhere else -------------------------
+
+# Output layers: never adapted by all-linear (peft excludes the output layer
+# too) and never quantized by QLoRA.
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+# Sequence-classification heads, trainable and saved with an adapter (peft's
+# SEQ_CLS modules_to_save): BERT-family `classifier`, decoder `score`.
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def is_decoder(config) -> bool:
+    """A decoder architecture (Llama, GPT-2, ...), whatever head it carries.
+
+    Encoders (BERT, RoBERTa, ELECTRA...) also register a causal-LM class in
+    transformers, but only they have a masked-LM one."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_decoder", False):
+        return True
+    mtype = getattr(config, "model_type", "")
+    return (mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def is_classifier(config) -> bool:
+    """A checkpoint saved with a sequence-classification head."""
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def can_generate(config) -> bool:
+    """A decoder checkpoint with its language-model head (not a classifier)."""
+    return is_decoder(config) and not is_classifier(config)
+
+
+def default_task(config) -> str:
+    """``classify`` for encoders and classifier checkpoints, else ``sft``."""
+    return "sft" if can_generate(config) else "classify"
+
+
+def task_of_model(model) -> str | None:
+    """The task a loaded model's class is built for, if it is one of ours."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "classify"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "sft"
+    return None
+
+
+def context_length(config) -> int | None:
+    """How many positions the model attends over, if its config says."""
+    config = getattr(config, "config", config)  # a model or its config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build_meta_model(config, task: str, num_labels: int | None = None):
+    """The model for ``task`` with every tensor on the meta device: every
+    parameter's exact shape, no weight memory (a 70B model in a second)."""
+    import torch
+    import transformers
+
+    if task not in TASK_CLASSES:
+        raise LoralabError(f"unknown task '{task}'.",
+                           hint="Fix: use one of " + ", ".join(TASK_CLASSES) + ".")
+    if task == "classify" and num_labels is not None:
+        config.num_labels = num_labels
+    try:
+        with torch.device("meta"):
+            return getattr(transformers, TASK_CLASSES[task]).from_config(config)
+    except (ValueError, KeyError) as err:
+        raise LoralabError(f"cannot build a {task} model for this config: "
+                           f"{str(err).splitlines()[0]}",
+                           hint="Fix: pass the --task that matches the model.") from err
 
 
 def cache_dir() -> Path:
@@ -87,35 +172,144 @@ def _convert_gguf(gguf_path: Path, target: Path) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Return a local model directory for an alias or a local dir; a hub id
-    is returned unchanged (transformers fetches it where the network works)."""
+    """A local model directory for ``name``: an alias (converted once), a local
+    dir, or a hub id (``org/name``, dots and all, ``@revision`` optional) found
+    in the Hugging Face cache or, where the network works, downloaded into it."""
     name = str(name)
     if name in ALIASES:
-        alias = ALIASES[name]
-        pkg = _package_dir(alias, name)
-        if alias.subdir:
-            return str(pkg / alias.subdir)
-        gguf = pkg / alias.gguf
-        target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
-        if not (target / "config.json").exists():
-            _convert_gguf(gguf, target)
-        return str(target)
+        return _alias_dir(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LoralabError(
                 f"'{name}' is a directory but holds no config.json, so it is not a model dir.",
                 hint="Fix: point --model at a Hugging Face model directory or use an alias: "
-                + ", ".join(ALIASES),
-            )
+                + ", ".join(ALIASES))
         return str(path)
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
-    if looks_local or path.suffix or name.count("/") > 1:
+    repo, revision = parse_hub_id(name)
+    return hub_snapshot(repo, revision)
+
+
+def _alias_dir(name: str) -> str:
+    alias = ALIASES[name]
+    pkg = _package_dir(alias, name)
+    if alias.subdir:
+        return str(pkg / alias.subdir)
+    gguf = pkg / alias.gguf
+    target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
+    if not (target / "config.json").exists():
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+# The hub's own rule for repo ids: one optional namespace, letters, digits, '-',
+# '_' and '.' (huggingface_hub.utils.validate_repo_id), no '--' or '..'.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def parse_hub_id(name: str) -> tuple[str, str | None]:
+    """``("org/name", revision)`` for ``org/name[@rev]``, or one line saying why
+    ``name`` is neither a local dir nor a hub id."""
+    repo, _, revision = name.partition("@")
+    bad = (not _HUB_ID.fullmatch(repo) or "--" in repo or ".." in repo
+           or repo.endswith((".", "-")) or (revision == "" and "@" in name))
+    if bad or name.startswith((".", "/", "~")):
         raise LoralabError(
-            f"model '{name}' not found: no such directory and not an alias.",
-            hint=f"Fix: give a local model dir, a hub id, or an alias ({', '.join(ALIASES)}).",
-        )
-    return name  # a hub id
+            f"model '{name}' not found: no such directory, and not a hub id or an alias.",
+            hint=f"Fix: give a local model dir, a hub id (org/name, optionally @revision), "
+            f"or an alias ({', '.join(ALIASES)}).")
+    return repo, revision or None
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
+        "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(repo: str, revision: str | None = None,
+                    filename: str = "config.json") -> str | None:
+    """The cache's snapshot dir of ``repo`` at ``revision`` holding ``filename``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=str(hf_cache_dir()),
+                                   revision=revision)
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+# What a model needs from a hub repo: configs, safetensors weights, tokenizer
+# files, a chat template. Other formats (.bin, ONNX, GGUF) only when no
+# safetensors exist.
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja",
+                "tokenizer*"]
+
+
+def hub_snapshot(repo: str, revision: str | None = None, *, config_only: bool = False) -> str:
+    """A local snapshot dir of a hub repo: the cached one, else downloaded."""
+    cached = cached_snapshot(repo, revision)
+    if cached and (config_only or _has_weights(Path(cached))):
+        return cached
+    _require_hub(repo, revision, cached)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    where = f"{repo}@{revision}" if revision else repo
+    kwargs = {"repo_id": repo, "revision": revision, "cache_dir": str(hf_cache_dir())}
+    try:
+        if config_only:
+            from huggingface_hub import hf_hub_download
+
+            return str(Path(hf_hub_download(filename="config.json", **kwargs)).parent)
+        path = Path(snapshot_download(allow_patterns=_MODEL_FILES, **kwargs))
+        if not _has_weights(path):
+            path = Path(snapshot_download(allow_patterns=["*.bin", "*.pt"], **kwargs))
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise LoralabError(f"could not fetch model '{where}' from the Hugging Face Hub: "
+                           f"{str(err).splitlines()[0]}",
+                           hint="Fix: check the id and revision (and access, for gated models: "
+                           "`hf auth login`), or pass a local model dir.") from err
+    return str(path)
+
+
+def _has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def _require_hub(repo: str, revision: str | None, cached: str | None) -> None:
+    """One line, at once, when the hub cannot be reached (offline mode, no
+    DNS, no route) instead of huggingface_hub's ~25 s of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = f"{repo}@{revision}" if revision else repo
+    what = "has only part of it" if cached else "does not hold it"
+    hint = (f"Fix: pass a local model dir (--model ./my-model), or download it where the "
+            f"network works (`hf download {repo}`) into the cache ({hf_cache_dir()}), "
+            f"or set HF_HOME to a cache that has it.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise LoralabError(f"model '{where}': offline (HF_HUB_OFFLINE is set) and the "
+                           f"Hugging Face cache {what}.", hint=hint)
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as err:
+        raise LoralabError(f"model '{where}': offline? The Hugging Face Hub ({url.hostname}) is "
+                           f"unreachable ({err.strerror or err}) and the local cache {what}.",
+                           hint=hint) from err
+
+
+def resolve_config_dir(name: str) -> str:
+    """Like :func:`resolve_model`, but a hub id needs only its config.json
+    (``estimate`` and ``targets`` build the model on the meta device)."""
+    name = str(name)
+    if name in ALIASES or Path(name).expanduser().is_dir():
+        return resolve_model(name)
+    repo, revision = parse_hub_id(name)
+    return hub_snapshot(repo, revision, config_only=True)
 
 
 def model_display_name(name: str) -> str:
@@ -163,11 +357,12 @@ def _from_pretrained(cls_name: str, source: str, name: str, **kwargs):
 
 
 def load_config(name: str):
-    return _from_pretrained("AutoConfig", resolve_model(name), name)
+    """The model's config (a hub id needs only its config.json)."""
+    return _from_pretrained("AutoConfig", resolve_config_dir(name), name)
 
 
-def load_tokenizer(name: str):
-    tok = _from_pretrained("AutoTokenizer", resolve_model(name), name)
+def load_tokenizer(name: str, source: str | None = None):
+    tok = _from_pretrained("AutoTokenizer", source or resolve_model(name), name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -193,7 +388,7 @@ def load_model(
     if task not in TASK_CLASSES:
         raise LoralabError(f"unknown task '{task}'.", hint="Fix: use one of classify, sft, base.")
     source = resolve_model(name)
-    tok = load_tokenizer(name)
+    tok = load_tokenizer(name, source)
     kwargs = {"dtype": dtype or torch.float32}
     if task == "classify":
         if id2label is not None:
@@ -212,7 +407,3 @@ def load_model(
 
         quantize_model_4bit(model, compute_dtype=compute_dtype or torch.float32)
     return model, tok
-
-
-def clear_cache() -> None:
-    shutil.rmtree(cache_dir() / "models", ignore_errors=True)

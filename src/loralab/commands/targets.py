@@ -9,7 +9,7 @@ import click
 @click.option("--model", "model_name", default="minilm", show_default=True,
               help="Alias, local model dir, or hub id.")
 @click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank for the counts.")
-@click.option("--task", type=click.Choice(["classify", "sft", "base"]), default=None,
+@click.option("--task", type=click.Choice(["classify", "sft", "lm", "base"]), default=None,
               help="Model head to build (default: from the config).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def cmd(model_name, rank, task, as_json):
@@ -21,13 +21,13 @@ def cmd(model_name, rank, task, as_json):
     from rich.table import Table
 
     from loralab.errors import require
-    from loralab.inspect_model import build_on_meta, infer_task, linear_groups, preset_counts
-    from loralab.models import load_config
+    from loralab.inspect_model import linear_groups, preset_counts
+    from loralab.models import build_meta_model, default_task, load_config
 
     require(rank > 0, f"rank must be a positive integer, got {rank}.", "Fix: pass --rank 8.")
     config = load_config(model_name)
-    task = task or infer_task(config)
-    model = build_on_meta(config, task)
+    task = task or default_task(config)
+    model = build_meta_model(config, task, num_labels=2)
     groups, presets = linear_groups(model), preset_counts(model, rank)
     total = sum(p.numel() for p in model.parameters())
     if as_json:

@@ -10,7 +10,6 @@ from the engine's own ``find_targets``, so the estimate wraps the same layers
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -173,18 +172,12 @@ def _numels(module) -> list[int]:
     return [p.numel() for p in module.parameters()]
 
 
-def _qlora_skip() -> tuple[str, ...]:
-    """The heads ``quantize_model_4bit`` leaves in full precision (its default)."""
-    from loralab.lora.quant import quantize_model_4bit
-
-    return inspect.signature(quantize_model_4bit).parameters["skip"].default
-
-
 def quantized_linears(model) -> list[str]:
     """Names of the linear layers ``loralab.lora.quant`` turns into NF4."""
     from loralab.lora.base import is_linear
+    from loralab.models import OUTPUT_HEADS  # what quantize_model_4bit leaves in float
 
-    skip = _qlora_skip()
+    skip = OUTPUT_HEADS
     return [n for n, m in model.named_modules() if is_linear(m) and not any(
         n == s or n.startswith(s + ".") or n.endswith("." + s) for s in skip)]
 

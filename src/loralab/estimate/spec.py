@@ -14,8 +14,8 @@ from pathlib import Path
 
 from loralab.errors import LoralabError
 from loralab.estimate.presets import PRESETS
+from loralab.models import build_meta_model, default_task, is_decoder
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 TASKS = ("classify", "sft")
 
 # raw config.json keys the formula needs, per model_type (first spelling wins)
@@ -52,6 +52,8 @@ def _presets_hint() -> str:
 
 def raw_config(name: str) -> tuple[dict, str, str]:
     """``(config.json fields, source, hub id)`` for a preset, path or hub id."""
+    from loralab.models import ALIASES, cached_snapshot, parse_hub_id, resolve_config_dir
+
     if name in PRESETS:
         hub_id, fields = PRESETS[name]
         return copy.deepcopy(fields), "preset", hub_id
@@ -60,15 +62,23 @@ def raw_config(name: str) -> tuple[dict, str, str]:
         path = path / "config.json"
     if path.is_file():
         return _read_json(path), "local", str(path)
-    if path.suffix or name.startswith((".", "/", "~")):
+    if name.endswith(".json") or name.startswith((".", "/", "~")):
         raise LoralabError(f"no model config at '{name}'.",
                            hint="Fix: give a model dir holding config.json, a config.json, "
                            "or a preset (" + _presets_hint() + ").")
-    if "/" not in name:
+    if name in ALIASES:
+        return _read_json(Path(resolve_config_dir(name)) / "config.json"), "local", name
+    repo, revision = parse_hub_id(name)
+    if "/" not in repo and not cached_snapshot(repo, revision):
         raise LoralabError(f"unknown model preset '{name}'.",
                            hint="Fix: use a hub id (org/name), a local dir, or one of the "
                            + _presets_hint() + ".")
-    return _hub_config(name), "hub", name
+    try:
+        found = resolve_config_dir(name)
+    except LoralabError as err:
+        raise LoralabError(err.message, hint=f"{err.hint} Or estimate a preset: "
+                           + _presets_hint() + ".") from err
+    return _read_json(Path(found) / "config.json"), "hub", repo
 
 
 def _read_json(path: Path) -> dict:
@@ -82,20 +92,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise LoralabError(f"{path} is not a JSON object.",
                            hint="Fix: point --model at a Hugging Face config.json.")
-    return data
-
-
-def _hub_config(hub_id: str) -> dict:
-    from transformers import PretrainedConfig
-
-    try:
-        data, _ = PretrainedConfig.get_config_dict(hub_id)
-    except (OSError, ValueError) as err:
-        raise LoralabError(
-            f"could not fetch the config of '{hub_id}' from the Hugging Face Hub "
-            "(offline, or no such repo).",
-            hint="Fix: use a local model dir or config.json, or a preset ("
-            + _presets_hint() + ").") from err
     return data
 
 
@@ -117,22 +113,23 @@ def check_fields(raw: dict, name: str) -> str:
     return mtype
 
 
-def infer_task(raw: dict) -> str:
-    """``classify`` for encoders and *ForSequenceClassification, else ``sft``."""
-    archs = " ".join(raw.get("architectures") or [])
-    if "ForSequenceClassification" in archs or raw.get("model_type") in ENCODERS:
-        return "classify"
-    return "sft"
+def _facts(raw: dict):
+    """The fields of a raw config.json that loralab.models' facts read."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model_type=raw.get("model_type"),
+                           architectures=raw.get("architectures"),
+                           is_decoder=raw.get("is_decoder", False))
 
 
 def load_spec(name: str, task: str | None = None, num_labels: int = 2) -> ModelSpec:
     """Resolve ``name`` and build its model on the meta device for ``task``."""
     raw, source, hub_id = raw_config(name)
     mtype = check_fields(raw, name)
-    task = task or infer_task(raw)
+    task = task or default_task(_facts(raw))
     if task not in TASKS:
         raise LoralabError(f"unknown task '{task}'.", hint="Fix: use --task classify or sft.")
-    if task == "sft" and mtype in ENCODERS:
+    if task == "sft" and not is_decoder(_facts(raw)):
         raise LoralabError(f"'{name}' is an encoder ({mtype}); it does not generate text.",
                            hint="Fix: use --task classify, or a decoder model for sft.")
     if num_labels < 1:
@@ -159,15 +156,3 @@ def _build_config(raw: dict, task: str, num_labels: int):
     except (TypeError, ValueError) as err:
         raise LoralabError(f"invalid config for {raw['model_type']}: {err}.",
                            hint="Fix: check the config.json fields.") from err
-
-
-def build_meta_model(config, task: str):
-    """The model for ``task`` with every tensor on the meta device (no memory)."""
-    import torch
-    import transformers
-
-    cls_name = "AutoModelForSequenceClassification" if task == "classify" \
-        else "AutoModelForCausalLM"
-    cls = getattr(transformers, cls_name)
-    with torch.device("meta"):
-        return cls.from_config(config)

@@ -60,9 +60,12 @@ def quantize_linear(linear: nn.Module, compute_dtype=torch.float32) -> nn.Module
 
 
 def quantize_model_4bit(model: nn.Module, compute_dtype=torch.float32,
-                        skip: tuple[str, ...] = ("lm_head", "classifier", "score")) -> int:
+                        skip: tuple[str, ...] | None = None) -> int:
     """Replace every linear layer except those named in ``skip`` by NF4 layers,
-    in place. Returns how many layers were quantized."""
+    in place (default: the output heads). Returns how many layers were quantized."""
+    from loralab.models import OUTPUT_HEADS
+
+    skip = OUTPUT_HEADS if skip is None else skip
     count = 0
     for name, module in list(model.named_modules()):
         if not is_linear(module) or is_4bit(module):
