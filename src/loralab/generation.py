@@ -1,9 +1,10 @@
-"""Text generation shared by ``loralab generate`` and ``loralab serve``.
+"""Text generation shared by ``loralab generate``, ``loralab serve`` and the
+lab's side-by-side generations.
 
-One decoding loop serves both, so the server's answer for a prompt equals the
-offline answer by construction: a batch of rows (each with its own prompt,
-sampling parameters and adapter) is left-padded, prefilled once, then decoded
-one token per step with a KV cache. Rows that finish leave the batch; the rest
+One decoding loop serves all three, so the server's answer for a prompt equals
+the offline answer and the report's by construction: a batch of rows (each with
+its own prompt, sampling parameters and adapter) is left-padded, prefilled once,
+then decoded one token per step with a KV cache. Rows that finish leave the batch; the rest
 go on. A batch of one is the offline path.
 
 Greedy decoding is ``temperature == 0``; otherwise logits are divided by the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -146,20 +147,11 @@ class _Row:
     generator: torch.Generator | None
 
 
-def is_causal_lm(config) -> bool:
-    """A decoder checkpoint (Llama, GPT-2, ...) rather than an encoder (BERT)."""
-    suffixes = ("ForCausalLM", "LMHeadModel")
-    return any(a.endswith(suffixes) for a in (getattr(config, "architectures", None) or []))
-
-
 def context_length(model) -> int:
     """The number of positions the model can attend over (prompt + output)."""
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048  # a model that states no limit: a conservative window
+    from loralab.models import context_length as stated
+
+    return stated(model) or 2048  # a model that states no limit: a conservative window
 
 
 def check_context(model, prompt_tokens: int, max_tokens: int) -> None:
@@ -204,11 +196,16 @@ def _new_cache(model):
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """Nucleus sampling for one row. logits: (V,)"""
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
+    logits = logits.float()
+    # shifted so the top logit is 0, and a temperature float32 can hold: a tiny one
+    # gives -inf (greedy in effect), never inf - inf or 0 / 0 = nan
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # (V,)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)  # (V,), (V,)
-        # keep a token while the mass before it is still below top_p (first always kept)
+        # keep a token while the mass before it is still below top_p
         keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < params.top_p
+        keep[0] = True  # the most likely token always (a top_p under float32's range is 0)
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         choice = torch.multinomial(sorted_p, 1, generator=gen)  # (1,)
         return int(order[choice])
@@ -319,10 +316,6 @@ class BatchDecoder:
         self.next_ids = self._prune(tokens)
         return bool(self.rows)
 
-    def cancel_all(self) -> None:
-        for row in self.rows:
-            row.request.cancelled = True
-
 
 def _generator(params: SamplingParams) -> torch.Generator | None:
     if params.greedy:
@@ -347,21 +340,6 @@ def generate(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
     return request
 
 
-def stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
-           adapter: str | None = None, route=None) -> Iterator[str]:
-    """Yield text deltas for one prompt as they are decoded."""
-    check_context(model, len(prompt_ids), params.max_tokens)
-    deltas: list[str] = []
-    request = GenerationRequest(list(prompt_ids), params, adapter, on_text=deltas.append)
-    decoder = BatchDecoder(model, tokenizer, [request], route=route)
-    try:
-        while decoder.step() or deltas:
-            yield from deltas
-            deltas.clear()
-    finally:
-        decoder.cancel_all()
-
-
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids for a raw completion prompt, special tokens as the tokenizer adds them."""
     return list(tokenizer(prompt)["input_ids"])
@@ -380,24 +358,30 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
 
 
-def load_for_generation(model_name: str, adapter_dir=None):
+def load_for_generation(model_name: str | None, adapter_dir=None):
     """``(model, tokenizer)`` for a decoder, with the adapter at ``adapter_dir``
-    (a PEFT dir or a run dir) loaded and active."""
-    from loralab.lora import load_adapter, read_adapter_config
-    from loralab.models import load_config, load_model
+    (a PEFT dir or a run dir) loaded and active, on the base it was trained on
+    (NF4 for a QLoRA adapter). ``model_name`` None: the adapter's own base."""
+    from loralab.lora.adapters import adapter_task, load_base_and_adapter, read_adapter_config
+    from loralab.models import can_generate, load_config, load_model
 
-    if not is_causal_lm(load_config(model_name)):
-        raise LoralabError(f"model '{model_name}' is an encoder; it cannot generate text.",
-                           hint="Use a decoder model (e.g. smollm2-135m).")
     if adapter_dir is not None:
         config = read_adapter_config(adapter_dir)
-        if config.get("task_type") == "SEQ_CLS":
+        if adapter_task(config) == "classify":
             raise LoralabError(f"adapter '{adapter_dir}' is a classifier, not a generator.",
-                               hint="Use `loralab eval` or the server's /v1/classify for it.")
-    model, tokenizer = load_model(model_name, "sft")
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir, adapter_name="default")
-    return model.eval(), tokenizer
+                               hint="Fix: use `loralab eval` or the server's /v1/classify for it.")
+    name = model_name
+    if name is None:
+        name = config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+    if name is not None and not can_generate(load_config(name)):
+        raise LoralabError(f"model '{name}' is not a text generator (an encoder or a "
+                           "classifier checkpoint).",
+                           hint="Fix: use a decoder model with its LM head (e.g. smollm2-135m).")
+    if adapter_dir is None:
+        model, tokenizer = load_model(name, "sft")
+        return model.eval(), tokenizer
+    model, tokenizer, _ = load_base_and_adapter(adapter_dir, model_name)
+    return model, tokenizer
 
 
 def complete(model, tokenizer, prompt: str, params: SamplingParams, chat: bool = False,

@@ -21,10 +21,17 @@ from loralab.lora.base import is_4bit, replace_module
 from loralab.lora.inject import (
     LoRAConfig,
     adapter_layers,
+    check_adapter_name,
     find_targets,
     inject_lora,
 )
 from loralab.lora.layer import LoRALinear, ModulesToSave
+from loralab.lora.param import (
+    LoRAParam,
+    find_target_parameters,
+    param_tensors,
+    peft_target_parameters,
+)
 from loralab.lora.quant import dequantize_model
 from loralab.lora.variants import (
     as_plain_lora,
@@ -37,18 +44,17 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "loralab.json"
 PREFIX = "base_model.model."
-TASK_TYPES = {"classify": "SEQ_CLS", "sft": "CAUSAL_LM"}
+# loralab task -> peft task_type, and back (a CAUSAL_LM adapter without
+# loralab.json is taken for instruction tuning).
+TASK_TYPES = {"classify": "SEQ_CLS", "sft": "CAUSAL_LM", "lm": "CAUSAL_LM"}
+PEFT_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "sft"}
+LABELS_NAME = "labels.json"  # a run's label map, beside adapter/ or inside it
 
 
 def _task_of(model: nn.Module, task: str | None) -> str | None:
-    if task:
-        return task
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "classify"
-    if name.endswith("ForCausalLM"):
-        return "sft"
-    return None
+    from loralab.models import task_of_model
+
+    return task or task_of_model(model)
 
 
 PEFT_NO_TARGETS = "dummy-target-modules"  # peft.utils.constants.DUMMY_TARGET_MODULES
@@ -93,6 +99,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for pname, p in module.modules_to_save[adapter_name].state_dict().items():
                 state[f"{PREFIX}{name}.{pname}"] = p
+    state.update({PREFIX + k: v for k, v in param_tensors(model, adapter_name).items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -115,6 +122,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_pat
         "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": _target_modules(model, names),
+        "target_parameters": peft_target_parameters(model, entry.get("target_parameters")),
         "use_rslora": cfg.use_rslora,
         "modules_to_save": entry["modules_to_save"] or None,
         "fan_in_fan_out": fan_in_fan_out,
@@ -182,6 +190,130 @@ def read_adapter_config(adapter_dir) -> dict:
     return config
 
 
+def adapter_task(config: dict) -> str | None:
+    """The loralab task of an adapter read by :func:`read_adapter_config`."""
+    return config["_loralab"].get("task") or PEFT_TASKS.get(config.get("task_type") or "")
+
+
+def parse_labels(data) -> tuple[str, ...]:
+    """A label map as loralab or a user writes it: ``{"labels": [...]}``,
+    ``{"id2label": {"0": ...}}``, a list, or ``{"0": name}``; ids must be 0..n-1."""
+    if isinstance(data, dict) and "labels" in data:
+        data = data["labels"]
+    elif isinstance(data, dict) and "id2label" in data:
+        data = data["id2label"]
+    if isinstance(data, list):
+        return tuple(str(x) for x in data)
+    if isinstance(data, dict):
+        try:
+            ids = sorted(int(k) for k in data)
+        except (TypeError, ValueError) as err:
+            raise ValueError("label ids must be integers") from err
+        if ids != list(range(len(ids))):
+            raise ValueError("label ids must be 0..n-1")
+        return tuple(str(data[str(i)] if str(i) in data else data[i]) for i in ids)
+    raise ValueError(f"expected a list or an object, got {type(data).__name__}")
+
+
+def adapter_labels(config: dict) -> tuple[str, ...] | None:
+    """Label names of a classification adapter: its loralab.json, else the run's
+    labels.json (inside the adapter dir or beside it); None if neither says."""
+    labels = config["_loralab"].get("labels")
+    if labels:
+        return tuple(str(x) for x in labels)
+    adapter_dir = Path(config["_dir"])
+    for candidate in (adapter_dir / LABELS_NAME, adapter_dir.parent / LABELS_NAME):
+        if candidate.is_file():
+            try:
+                return parse_labels(json.loads(candidate.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as err:
+                raise LoralabError(f"{candidate} is not a valid label map ({err}).",
+                                   hint="Fix: write it again with `loralab train`, or "
+                                   "delete it to get LABEL_0..LABEL_n-1.") from err
+    return None
+
+
+def head_rows(config: dict) -> int | None:
+    """Output count of the saved head, read from the weights' shapes: the class
+    count of a classifier. A head is one Linear (``score``, BERT's
+    ``classifier``) or a block ending in one (RoBERTa/ELECTRA's
+    ``classifier.dense`` (H, H) then ``classifier.out_proj`` (C, H))."""
+    from safetensors import SafetensorError, safe_open
+
+    heads = tuple(config.get("modules_to_save") or ())
+    path = Path(config["_dir"]) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k.removeprefix(PREFIX): f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoralabError(f"{path} is corrupt or not a safetensors file ({err}).",
+                           hint="Fix: save the adapter again.") from err
+    for head in heads:
+        own = {k: v for k, v in shapes.items()
+               if k.startswith(head + ".") and k.endswith(".weight") and len(v) == 2}
+        if not own:
+            continue
+        for key in (f"{head}.weight", f"{head}.out_proj.weight"):
+            if key in own:
+                return int(own[key][0])
+        return int(min(v[0] for v in own.values()))
+    return None
+
+
+def classifier_labels(config: dict) -> tuple[str, ...]:
+    """Label names of a classification adapter, checked against its head."""
+    labels = adapter_labels(config)
+    rows = head_rows(config)
+    adapter_dir = config["_dir"]
+    if rows is None and labels is None:
+        raise LoralabError(f"classification adapter '{adapter_dir}' has no saved head and "
+                           "no labels.", hint="Fix: train it with the head in modules_to_save "
+                           "(loralab does this by default).")
+    if labels is None:
+        return tuple(f"LABEL_{i}" for i in range(rows))
+    if rows is not None and rows != len(labels):
+        raise LoralabError(f"adapter '{adapter_dir}': its labels name {len(labels)} classes "
+                           f"but the saved head has {rows} outputs.",
+                           hint="Fix: use the run's own labels.json.")
+    return labels
+
+
+def quantized_base(config: dict) -> bool:
+    """True if the adapter was trained on an NF4 base (QLoRA): every command
+    then runs it on that same 4-bit base, unless it is merged."""
+    meta = config["_loralab"]
+    return bool(meta.get("quantized")) or meta.get("method") == "qlora"
+
+
+def load_base_and_adapter(adapter_dir, base: str | None = None, *, adapter_name="default",
+                          quantize: bool | None = None, compute_dtype=None):
+    """``(model, tokenizer, info)``: the base model the adapter was trained on
+    (NF4 first for a QLoRA adapter, the task's model class, the label map) with
+    the adapter loaded, active and in eval mode. The one loader behind merge,
+    eval, generate, export, the lab and serve, so an adapter answers the same
+    in every command. ``info``: base, task, quantized, adapter_dir, labels."""
+    from loralab.models import load_model, quiet_transformers
+
+    config = read_adapter_config(adapter_dir)
+    adapter_dir = Path(config["_dir"])
+    base = base or config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise LoralabError(f"adapter '{adapter_dir}' does not say which base model it is for.",
+                           hint="Fix: pass the base model (--base / --model).")
+    task = adapter_task(config) or "sft"
+    labels = classifier_labels(config) if task == "classify" else None
+    quantized = quantized_base(config) if quantize is None else quantize
+    kwargs = {"id2label": dict(enumerate(labels))} if labels else {}
+    with quiet_transformers():
+        model, tok = load_model(base, task, quantize_4bit=quantized,
+                                compute_dtype=compute_dtype, **kwargs)
+    load_adapter(model, adapter_dir, adapter_name=adapter_name, config=config)
+    model.eval()
+    info = {"base": base, "task": task, "quantized": quantized, "adapter_dir": str(adapter_dir),
+            "labels": list(labels) if labels else None, "config": config}
+    return model, tok, info
+
+
 def _read_weights(adapter_dir: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -218,12 +350,18 @@ def _strip_key(key: str, adapter_name: str) -> str:
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
-def load_adapter(model: nn.Module, adapter_dir, adapter_name: str = "default") -> nn.Module:
-    """Inject an adapter saved by loralab or peft into ``model`` and load its weights."""
-    config = read_adapter_config(adapter_dir)
+def load_adapter(model: nn.Module, adapter_dir, adapter_name: str = "default", *,
+                 config: dict | None = None) -> nn.Module:
+    """Inject an adapter saved by loralab or peft into ``model`` and load its weights
+    (``config``: its :func:`read_adapter_config`, when already read)."""
+    check_adapter_name(adapter_name)
+    config = config or read_adapter_config(adapter_dir)
     adapter_dir = Path(config["_dir"])
     weights = {_strip_key(k, adapter_name): v for k, v in _read_weights(adapter_dir).items()}
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
+    params = (find_target_parameters(model, config["target_parameters"])
+              if config.get("target_parameters") else {})
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k}
+                   - {n.removesuffix(".lora_A.weight") for n in _param_keys(model, params)})
     heads = [h for h in (config.get("modules_to_save") or [])
              if any(k.startswith(h + ".") for k in weights)]
     missing = [n for n in names + heads if not _has_module(model, n)]
@@ -234,10 +372,18 @@ def load_adapter(model: nn.Module, adapter_dir, adapter_name: str = "default") -
             f"({config.get('base_model_name_or_path')}).")
     cfg = _config_from_peft(config, config["_loralab"].get("task"))
     cfg.modules_to_save = heads
-    inject_lora(model, cfg, adapter_name, target_names=names)
+    inject_lora(model, cfg, adapter_name, target_names=names, target_params=params)
     _load_tensors(model, weights, names, heads, adapter_name)
     model.loralab_adapters[adapter_name]["dir"] = str(adapter_dir)
     return model
+
+
+def _param_keys(model: nn.Module, params: dict[str, list[str]]) -> set[str]:
+    """The ``lora_A`` keys peft gives the parameter targets (nested ``base_layer``s)."""
+    from loralab.lora.param import peft_prefixes
+
+    return {f"{prefix}.lora_A.weight" for m, ps in params.items()
+            for prefix in peft_prefixes(m, ps).values()}
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
@@ -260,6 +406,7 @@ def _load_tensors(model, weights: dict, names: list[str], heads: list[str], adap
         for pname, p in model.get_submodule(h).modules_to_save[adapter_name].state_dict(
                 keep_vars=True).items():
             params[f"{h}.{pname}"] = p
+    params.update(param_tensors(model, adapter_name))
     unknown = sorted(k for k in weights if ".lora_" in k and k not in params)
     if unknown:
         raise LoralabError(f"adapter weights hold tensors loralab would ignore: {unknown[0]}"
@@ -285,7 +432,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     transformers model with no LoRA modules left. A QLoRA base is dequantized
     and the adapter merged into those float weights (what it was trained on)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, LoRAParam)):
             replace_module(model, name, module.unload(merge=True))
         elif isinstance(module, ModulesToSave):
             replace_module(model, name, module._module(module.active_adapter))

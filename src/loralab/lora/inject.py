@@ -8,6 +8,7 @@ One walk over ``named_modules`` with a small table of per-architecture names
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -17,7 +18,9 @@ from torch import nn
 from loralab.errors import LoralabError
 from loralab.lora.base import base_shape, is_linear, replace_module
 from loralab.lora.layer import LoRALinear, ModulesToSave
+from loralab.lora.param import LoRAParam, find_target_parameters
 from loralab.lora.variants import parse_init
+from loralab.models import OUTPUT_HEADS, SEQ_CLS_HEADS
 
 # Attention projections per architecture (model_type -> module-name suffixes).
 ATTENTION = {
@@ -37,12 +40,17 @@ ATTENTION = {
     "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense"],
     "phi3": ["qkv_proj", "o_proj"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense"],
+    "modernbert": ["attn.Wqkv", "attn.Wo"],  # the MLP has a Wo too
+    "olmo2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
+# Architectures missing from the table: a linear layer counts as attention when
+# a module on its path is named like one (attn, self_attn, attention,
+# SelfAttention...): the convention of nearly every transformers model.
+ATTENTION_PATH = re.compile(r"attn|attention", re.IGNORECASE)
 PRESETS = ("attention", "all-linear")
-# Output layers never get LoRA under all-linear (peft excludes the output layer too).
-OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
-# Trainable and saved with the adapter for sequence classification (peft's SEQ_CLS default).
-SEQ_CLS_HEADS = ("classifier", "score")
 
 
 @dataclass
@@ -57,13 +65,15 @@ class LoRAConfig:
     init_lora_weights: bool | str = True  # peft's values: gaussian, pissa[_niter_K], olora
     modules_to_save: list[str] | None = None  # None: the head for seq-cls models
     task: str | None = None  # "classify" | "sft" | None
+    # 3-D parameters (MoE experts) as peft's target_parameters: "experts" or names
+    target_parameters: str | list[str] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise LoralabError(f"rank must be a positive integer, got {self.r!r}.",
                                hint="Fix: pass --rank 8 (or 1, 2, 4, 16, ...).")
-        if not self.alpha or self.alpha <= 0:
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise LoralabError(f"alpha must be > 0, got {self.alpha!r}.",
                                hint="Fix: pass --alpha 16 (alpha = 2 x rank is a good default).")
         if not 0 <= self.dropout < 1:
@@ -115,13 +125,7 @@ def find_targets(model: nn.Module, targets, exclude: tuple[str, ...] = ()) -> li
     if targets == "all-linear":
         found = [n for n in names if not _is_head(n, exclude)]
     elif targets == "attention":
-        mtype = _model_type(model)
-        if mtype not in ATTENTION:
-            raise LoralabError(
-                f"no 'attention' preset for architecture '{mtype or type(model).__name__}'.",
-                hint="Fix: use --targets all-linear, or name modules: "
-                + _names_hint(names))
-        found = [n for n in names if any(_suffix_match(n, s) for s in ATTENTION[mtype])]
+        found = attention_targets(model, names, exclude)
     elif isinstance(targets, str) and targets.startswith("re:"):
         try:
             pattern = re.compile(targets[3:])
@@ -132,10 +136,37 @@ def find_targets(model: nn.Module, targets, exclude: tuple[str, ...] = ()) -> li
     else:
         found = [n for n in names if any(_suffix_match(n, s) for s in targets)]
     if not found:
+        _require_linear(model, names, exclude)
         raise LoralabError(f"targets {targets!r} match no linear layer of this model.",
                            hint="Fix: use --targets attention|all-linear or one of: "
                            + _names_hint(names))
     return found
+
+
+def attention_targets(model: nn.Module, names: list[str], exclude=()) -> list[str]:
+    """The ``attention`` preset: the table's names for a known architecture, else
+    every linear layer under a module named like attention (ATTENTION_PATH)."""
+    mtype = _model_type(model)
+    _require_linear(model, names, exclude)
+    if mtype in ATTENTION:
+        return [n for n in names if any(_suffix_match(n, s) for s in ATTENTION[mtype])]
+    found = [n for n in names if not _is_head(n, exclude)
+             and any(ATTENTION_PATH.search(p) for p in n.split(".")[:-1])]
+    if not found:
+        raise LoralabError(
+            f"no 'attention' preset for architecture '{mtype or type(model).__name__}', and "
+            "none of its linear layers "
+            "sits under a module named like attention (attn, attention).",
+            hint="Fix: use --targets all-linear, or name modules: " + _names_hint(names))
+    return found
+
+
+def _require_linear(model: nn.Module, names: list[str], exclude=()) -> None:
+    """One line for a model LoRA cannot adapt: no linear layer outside its head."""
+    if not [n for n in names if not _is_head(n, exclude)]:
+        arch = _model_type(model) or type(model).__name__
+        raise LoralabError(f"architecture '{arch}' has no linear layers for LoRA to adapt.",
+                           hint="Fix: train it with --method full (or head, for a classifier).")
 
 
 def _names_hint(names: list[str]) -> str:
@@ -150,14 +181,31 @@ def default_modules_to_save(model: nn.Module, task: str | None) -> list[str]:
     return [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
 
 
+# Adapter names are keys of the layers' nn.ModuleDicts, which refuse '.'.
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_:-]{0,63}")
+
+
+def check_adapter_name(name) -> str:
+    """The one rule for adapter names, checked before any layer is touched."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
+        raise LoralabError(
+            f"adapter name {name!r} is not allowed.",
+            hint="Fix: use 1-64 letters, digits, '_', ':' or '-', starting with a letter or "
+            "digit (no '.': write support-v2, not support.v2).")
+    return name
+
+
 def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default",
-                target_names: list[str] | None = None) -> nn.Module:
+                target_names: list[str] | None = None,
+                target_params: dict[str, list[str]] | None = None) -> nn.Module:
     """Wrap the target layers with LoRA adapter ``adapter_name`` and freeze all
     else but the LoRA weights and ``modules_to_save`` copies. In place.
 
     ``target_names`` (exact module names) overrides ``cfg.targets``; an empty
-    list adds no LoRA layer (head-only training).
+    list adds no LoRA layer (head-only training). ``target_params``
+    (``{module: [parameter]}``) overrides ``cfg.target_parameters``.
     """
+    check_adapter_name(adapter_name)
     mts = cfg.modules_to_save
     if mts is None:
         mts = default_modules_to_save(model, cfg.task)
@@ -176,12 +224,32 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default"
             module = ModulesToSave(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
+    params = _inject_params(model, cfg, adapter_name, target_params)
     registry = model.__dict__.setdefault("loralab_adapters", {})
     registry[adapter_name] = {"config": cfg, "targets": list(target_names),
-                              "modules_to_save": list(mts)}
+                              "modules_to_save": list(mts), "target_parameters": params}
     freeze_for_adapter(model, adapter_name)
     set_active_adapter(model, adapter_name)
     return model
+
+
+def _inject_params(model: nn.Module, cfg: LoRAConfig, adapter_name: str,
+                   target_params: dict[str, list[str]] | None) -> dict[str, list[str]]:
+    """LoRA on 3-D parameters (lora/param.py): one LoRAParam per module."""
+    if target_params is None:
+        target_params = (find_target_parameters(model, cfg.target_parameters)
+                         if cfg.target_parameters else {})
+    for name, pnames in target_params.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRAParam):
+            module = LoRAParam(module, pnames)
+            replace_module(model, name, module)
+        elif module.param_names != pnames:
+            raise LoralabError(f"{name} already adapts {module.param_names}, not {pnames}.",
+                               hint="Fix: every adapter on a model targets the same parameters "
+                               "(peft's rule for target_parameters).")
+        module.add_adapter(adapter_name, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    return {k: list(v) for k, v in target_params.items()}
 
 
 def freeze_for_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -195,7 +263,8 @@ def freeze_for_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def adapter_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSave))]
+    return [m for m in model.modules()
+            if isinstance(m, (LoRALinear, LoRAParam, ModulesToSave))]
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
@@ -216,7 +285,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise LoralabError(f"no adapter named '{name}' on this model.",
                            hint="Fix: use one of: " + ", ".join(registry))
     for layer in adapter_layers(model):
-        table = layer.lora_A if isinstance(layer, LoRALinear) else layer.modules_to_save
+        table = layer.modules_to_save if isinstance(layer, ModulesToSave) else layer.lora_A
         if name in table:
             layer.delete_adapter(name)
     del registry[name]
@@ -226,9 +295,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disable_adapter(model: nn.Module):
     """Run the base model: every adapter is bypassed (merged ones are unmerged)."""
     layers = adapter_layers(model)
-    merged = {id(m): m.merged_adapter for m in layers if isinstance(m, LoRALinear)}
+    merged = {id(m): m.merged_adapter for m in layers if not isinstance(m, ModulesToSave)}
     for layer in layers:
-        if isinstance(layer, LoRALinear):
+        if not isinstance(layer, ModulesToSave):
             layer.unmerge()
         layer.disabled = True
     try:
@@ -236,7 +305,7 @@ def disable_adapter(model: nn.Module):
     finally:
         for layer in layers:
             layer.disabled = False
-            if isinstance(layer, LoRALinear) and merged.get(id(layer)):
+            if not isinstance(layer, ModulesToSave) and merged.get(id(layer)):
                 layer.merge(merged[id(layer)])
 
 

@@ -23,19 +23,23 @@ from dataclasses import dataclass, field
 import torch
 
 from loralab.errors import LoralabError
-from loralab.generation import BatchDecoder, GenerationRequest, context_length, is_causal_lm
+from loralab.generation import BatchDecoder, GenerationRequest, context_length
+from loralab.models import model_display_name
 from loralab.serve.adapters import AdapterInfo
 
 
 class ServedModel:
     """One base model in memory with named adapters loaded onto it."""
 
-    def __init__(self, name: str):
-        from loralab.models import load_config, load_model, model_display_name
+    def __init__(self, name: str, quantize: bool = False):
+        from loralab.models import can_generate, load_config, load_model, quiet_transformers
 
-        self.causal = is_causal_lm(load_config(name))
-        self.model, self.tokenizer = load_model(name, "sft" if self.causal else "base")
+        self.causal = can_generate(load_config(name))
+        with quiet_transformers():
+            self.model, self.tokenizer = load_model(name, "sft" if self.causal else "base",
+                                                    quantize_4bit=quantize)
         self.model.eval()
+        self.quantized = quantize  # NF4 base layers (QLoRA adapters run on these)
         self.name = model_display_name(name)
         self.context = context_length(self.model)
         self.classifiers: dict[str, torch.nn.Module] = {}  # adapter -> seq-cls model
@@ -47,14 +51,12 @@ class ServedModel:
         put in and only the small head is materialized; the adapter's saved
         head copy replaces it when the adapter loads.
         """
-        from transformers import AutoModelForSequenceClassification
+        from loralab.models import build_meta_model
 
         cfg = copy.deepcopy(self.model.config)
-        cfg.num_labels = len(labels)
         cfg.id2label = dict(enumerate(labels))
         cfg.label2id = {v: k for k, v in cfg.id2label.items()}
-        with torch.device("meta"):
-            clf = AutoModelForSequenceClassification.from_config(cfg)
+        clf = build_meta_model(cfg, "classify", num_labels=len(labels))
         setattr(clf, clf.base_model_prefix, self.model.base_model)
         for module in clf.modules():
             if any(p.is_meta for p in module.parameters(recurse=False)):
@@ -69,9 +71,10 @@ class ServedModel:
         if info.task == "generate" and not self.causal:
             raise LoralabError(f"adapter '{name}' generates text, but {self.name} is an encoder.",
                                hint="Serve it with the decoder model it was trained on.")
+        self._check_base(name, info)
         target = self._classifier(info.labels) if info.task == "classify" else self.model
         try:
-            load_adapter(target, info.dir, adapter_name=name)
+            load_adapter(target, info.dir, adapter_name=name, config=info.config)
         except Exception as err:
             if name in getattr(target, "loralab_adapters", {}):
                 delete_adapter(target, name)  # undo a half-done injection
@@ -81,6 +84,19 @@ class ServedModel:
                                hint="Check that it is a LoRA adapter for this base model.") from err
         if info.task == "classify":
             self.classifiers[name] = target
+
+    def _check_base(self, name: str, info) -> None:
+        """An adapter runs on the base it was trained on: a QLoRA adapter on the
+        NF4 weights (their quantization error is what it learned around), a
+        float one on the float weights, exactly as ``eval`` and ``merge`` run it."""
+        if info.quantized == self.quantized:
+            return
+        kinds = ("the NF4 base (QLoRA)", "the float base")
+        trained, served = kinds if info.quantized else kinds[::-1]
+        raise LoralabError(
+            f"adapter '{name}' was trained on {trained}, but this server runs {served}.",
+            hint="Fix: serve QLoRA and float adapters from separate servers "
+            "(`loralab serve --quantize nf4` or `--quantize none`).")
 
     def remove_adapter(self, name: str) -> None:
         from loralab.lora import delete_adapter

@@ -16,23 +16,10 @@ from loralab.data.tables import read_table, read_text_file
 from loralab.errors import LoralabError
 
 
-def _adapter_meta(adapter: str | None) -> dict:
-    if adapter is None:
-        return {}
-    from loralab.lora import read_adapter_config
-
-    config = read_adapter_config(adapter)
-    meta = dict(config.get("_loralab") or {})
-    if not meta.get("task"):
-        meta["task"] = {"SEQ_CLS": "classify", "CAUSAL_LM": "sft"}.get(config.get("task_type"))
-    return meta
-
-
 def _model_task(model: str) -> str:
-    from loralab.models import load_config
+    from loralab.models import default_task, load_config
 
-    archs = getattr(load_config(model), "architectures", None) or []
-    return "classify" if any(a.endswith("ForSequenceClassification") for a in archs) else "sft"
+    return default_task(load_config(model))
 
 
 def _data_kind(path: str) -> str:
@@ -46,28 +33,23 @@ def _data_kind(path: str) -> str:
     return "classify"
 
 
-def _labels(model_obj, meta: dict) -> list[str]:
-    if meta.get("labels"):
-        return list(meta["labels"])
+def _labels(model_obj) -> list[str]:
     id2label = getattr(model_obj.config, "id2label", None) or {}
     return [id2label[i] for i in sorted(id2label, key=int)]
 
 
-def _load(model: str, adapter: str | None, task: str, meta: dict):
-    from loralab.models import load_model
+def _load(model: str, adapter: str | None, task: str):
+    """The model to evaluate and its tokenizer; an adapter comes through the one
+    loader (its own task, labels and, for QLoRA, the NF4 base)."""
+    from loralab.models import load_model, quiet_transformers
 
-    kwargs = {}
-    if task == "classify" and meta.get("labels"):
-        kwargs["id2label"] = dict(enumerate(meta["labels"]))
-    quantized = bool(meta.get("quantized")) or meta.get("method") == "qlora"
-    from loralab.train.methods import quiet_transformers
-
-    with quiet_transformers():
-        m, tok = load_model(model, task, quantize_4bit=quantized, **kwargs)
     if adapter is not None:
-        from loralab.lora import load_adapter
+        from loralab.lora.adapters import load_base_and_adapter
 
-        load_adapter(m, adapter)
+        m, tok, _ = load_base_and_adapter(adapter, model)
+        return m, tok
+    with quiet_transformers():
+        m, tok = load_model(model, task)
     return m.eval(), tok
 
 
@@ -97,7 +79,12 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
 
     data = resolve_data_path(data)
     read_text_file(data)  # missing, empty or non-UTF-8: one line, before loading a model
-    meta = _adapter_meta(adapter)
+    meta = {}
+    if adapter is not None:
+        from loralab.lora.adapters import adapter_task, read_adapter_config
+
+        config = read_adapter_config(adapter)
+        meta = dict(config["_loralab"], task=adapter_task(config))
     task = meta.get("task") or _model_task(model)
     kind = _data_kind(data)
     if kind == "classify" and task != "classify":
@@ -107,11 +94,11 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
         raise LoralabError(f"{data} is {'instruction data' if kind == 'sft' else 'plain text'} "
                            "but the model is a classifier. Give a CSV/TSV/JSONL table.")
     length = max_length or meta.get("max_length") or (128 if task == "classify" else 512)
-    m, tok = _load(model, adapter, task, meta)
-    from loralab.train.run import max_positions
+    m, tok = _load(model, adapter, task)
+    from loralab.models import context_length
 
-    length = min(length, max_positions(m) or length)
-    labels = _labels(m, meta) if task == "classify" else None
+    length = min(length, context_length(m) or length)
+    labels = _labels(m) if task == "classify" else None
     enc = _encode(kind, data, tok, labels, length, (text_column, label_column))
     if len(enc) == 0:
         raise LoralabError(f"{data} yields no example to evaluate. Check the file.")

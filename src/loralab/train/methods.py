@@ -52,10 +52,7 @@ def apply_method(model, cfg) -> None:
         inject_lora(model, LoRAConfig(r=cfg.rank, alpha=cfg.alpha, task="classify"),
                     target_names=[])
         return
-    inject_lora(model, LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                  targets=cfg.targets, use_rslora=cfg.use_rslora,
-                                  use_dora=cfg.use_dora, init_lora_weights=cfg.init_lora_weights,
-                                  task=cfg.task))
+    inject_lora(model, cfg.lora_config())
 
 
 def enable_checkpointing(model, method: str) -> None:

@@ -7,6 +7,7 @@ atomically by the main process only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,10 +18,11 @@ from loralab.config import TrainConfig, config_from_dict
 from loralab.data.dataset import encode_splits, prepare_data, resolve_data_path
 from loralab.data.encode import Encoded, encode_text_blocks
 from loralab.data.tables import read_text_file
-from loralab.errors import LoralabError
+from loralab.errors import OS_ERRORS, LoralabError
 from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
 from loralab.lora.dropout import use_fast_dropout
 from loralab.lora.variants import is_mutated_init
+from loralab.models import context_length
 from loralab.train import distributed, rundir
 from loralab.train.attention import use_fast_attention
 from loralab.train.first_token import use_first_token_only
@@ -32,6 +34,7 @@ from loralab.train.memory import (
     tensor_account,
 )
 from loralab.train.methods import load_for_method, quiet_transformers
+from loralab.train.preflight import preflight_train
 
 
 def note(text: str) -> None:
@@ -68,16 +71,6 @@ def _resume_config(run_dir: Path, quiet: bool) -> TrainConfig:
     cfg = config_from_dict(saved)
     cfg.output, cfg.quiet = str(run_dir), quiet or cfg.quiet
     return cfg
-
-
-def max_positions(model) -> int | None:
-    """The longest sequence the model's position embeddings allow, if it says."""
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _general_text(cfg: TrainConfig, tokenizer, length: int) -> Encoded | None:
@@ -132,6 +125,9 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     cfg.output = stop.run_dir = str(run_dir)
     if resume is None:
         rundir.check_output(run_dir, cfg)
+    if acc.is_main_process:  # before the model loads: writable, room for the artifacts
+        preflight_train(cfg, run_dir, len(prep.label_map.labels) if prep.label_map else 2,
+                        resume is not None)
     acc.wait_for_everyone()
     reset_peak(acc.device.type)
     set_seed(cfg.seed)
@@ -142,7 +138,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
         keep_freed_heap()  # each micro-batch reuses the last one's pages
     use_first_token_only(model)  # a [CLS] head reads one position of the last layer
     distributed.fit_wrap_policy(acc, model)
-    limit = max_positions(model)
+    limit = context_length(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length
     splits = encode_splits(prep, tok, length)
     general = _general_text(cfg, tok, length)
@@ -168,7 +164,8 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     # sharded (FSDP) weights are gathered for the save; every rank takes part
     with distributed.whole_trainable(acc.unwrap_model(loop.model), keep=acc.is_main_process):
         if acc.is_main_process:
-            _save(loop, cfg, tok, run_dir, prep, splits, dict(results, tensors=tensors))
+            with _keeping_checkpoint(loop, run_dir):
+                _save(loop, cfg, tok, run_dir, prep, splits, dict(results, tensors=tensors))
     acc.wait_for_everyone()
     return run_dir
 
@@ -183,9 +180,27 @@ def _shared_default_output(cfg: TrainConfig, acc) -> Path:
     return Path(name[0])
 
 
+@contextlib.contextmanager
+def _keeping_checkpoint(loop: Loop, run_dir: Path):
+    """A write that fails (disk full, read-only remount) ends in one line; the
+    temporary it was writing is gone (``atomic_dir``) and the last checkpoint kept."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in OS_ERRORS:
+            raise
+        what, fix = OS_ERRORS[err.errno]
+        where = loop._last_checkpoint()
+        hint = f"{fix} Then continue with `loralab train --resume {run_dir}`." \
+            if "kept" in where else fix
+        raise LoralabError(f"writing {err.filename or run_dir} failed at step "
+                           f"{loop.state.step}: {what}; {where}.", hint=hint) from err
+
+
 def _fit(loop: Loop, run_dir: Path, resuming: bool) -> None:
     try:
-        loop.fit(resume_from=run_dir if resuming else None)
+        with _keeping_checkpoint(loop, run_dir):
+            loop.fit(resume_from=run_dir if resuming else None)
     except KeyboardInterrupt:
         if loop.is_main:
             ck = run_dir / "checkpoint" / "trainer_state.json"
@@ -211,8 +226,22 @@ def _final_eval(loop: Loop, splits, general, before) -> dict:
 RESIDUAL_ADAPTER = "adapter-residual"  # PiSSA/OLoRA in the form they trained in
 
 
+def _refuse_non_finite(model, loop: Loop) -> None:
+    """No artifact with NaN weights: the last update can overflow them after a
+    finite loss (an lr far too high on the final step), which no loss shows."""
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise LoralabError(
+            f"the trained weights hold inf/nan after step {loop.state.step} ({bad[0]}, "
+            f"{len(bad)} tensor(s); lr {loop.cfg.lr:g}): the learning rate is likely too "
+            f"high. Nothing was saved; {loop._last_checkpoint()}.",
+            hint="Fix: lower --lr (e.g. by 10x) and train again with --overwrite.")
+
+
 def _save(loop: Loop, cfg: TrainConfig, tok, run_dir: Path, prep, splits, results) -> None:
     model = loop.acc.unwrap_model(loop.model)
+    _refuse_non_finite(model, loop)
     labels = prep.label_map.labels if prep.label_map else None
     if cfg.method == "full":
         target = run_dir / "model"
@@ -260,8 +289,7 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "steps": s.step, "epochs": s.step / loop.steps_per_epoch,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "world_size": loop.world, "lr": cfg.lr, "seed": cfg.seed,
-        "global_batch_size": distributed.effective_batch(cfg.batch_size, cfg.grad_accum,
-                                                         loop.world),
+        "global_batch_size": cfg.effective_batch(loop.world),
         "peak_memory": peak, "eval": results["eval"], "test": results["test"],
         "best_step": s.best_step, "best_metric": {cfg.metric: s.best_metric},
         "artifact_bytes": artifact_bytes, "loss_curve": s.loss_curve, "evals": s.evals,
