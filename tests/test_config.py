@@ -85,3 +85,36 @@ def test_task_inferred_from_data(tmp_path):
     assert infer_task(str(alpaca)) == infer_task(str(chat)) == "sft"
     assert infer_task(str(table)) == infer_task("x.csv") == infer_task("tickets") == "classify"
     assert TrainConfig().task is None  # resolved lazily
+
+
+@pytest.mark.parametrize("text, field, value", [
+    ("1e-4", "lr", 1e-4), ("2E-5", "lr", 2e-5), (".5", "dropout", 0.5), ("1_000", "max_steps", 1000),
+    ("1e3", "max_steps", 1000), ("8.0", "rank", 8), ("true", "fsdp", True), ("no", "quiet", False),
+    ("[q_proj, v_proj]", "targets", "q_proj,v_proj"), ("q_proj,v_proj", "targets", "q_proj,v_proj"),
+])
+def test_values_as_users_write_them(tmp_path, text, field, value):
+    """The same text means the same value in a YAML file and a key=value override."""
+    assert getattr(build_config(overrides=[f"{field}={text}"]), field) == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{field}: {text}\n")
+    assert getattr(build_config(path), field) == value
+
+
+def test_yaml_list_of_targets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("targets:\n  - query\n  - value\nlr: 3e-4\n")
+    cfg = build_config(path)
+    assert cfg.targets == "query,value" and cfg.lr == 3e-4
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lr=inf", "lr must be a finite"), ("alpha=nan", "alpha must be a finite"),
+    ("epochs=inf", "epochs must be a finite"), ("epochs=nan", "epochs must be a finite"),
+    ("dropout=nan", "dropout must be a finite"), ("max_grad_norm=inf", "max_grad_norm"),
+    ("seed=18446744073709551616", "seed must be between"), ("rank=1.5", "whole number"),
+    ("batch_size=abc", "whole number"), ("lr=1e-4x", "not a number"), ("fsdp=maybe", "true or false"),
+    ("max_steps=99999999999", "max_steps must be between"), ("lr=1__0", "not a number"),
+])
+def test_bad_numbers_are_refused_with_the_field_named(override, needle):
+    with pytest.raises(LoralabError, match=needle):
+        build_config(overrides=[override])

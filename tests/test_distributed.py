@@ -33,6 +33,7 @@ from train_support import (
     write_jsonl,
 )
 
+from loralab import config
 from loralab.errors import LoralabError
 from loralab.train import distributed
 
@@ -47,7 +48,7 @@ def train_step(self, micro):
         raise RuntimeError("injected failure in rank 1")
     return step(self, micro)
 L.Loop.train_step = train_step
-from conftest import cli
+from loralab.cli import main
 main(sys.argv[1:])
 """
 # accelerate prepares FSDP only for GPUs; force its FSDP2 path onto gloo/CPU
@@ -63,7 +64,7 @@ def make_accelerator(cfg):
     acc.state.fsdp_plugin = distributed.fsdp_plugin()
     return acc
 run.make_accelerator = make_accelerator
-from conftest import cli
+from loralab.cli import main
 main(sys.argv[1:])
 """
 
@@ -264,13 +265,13 @@ def test_world_size_that_does_not_divide_the_global_batch(models, data, tmp_path
 
 
 def test_batch_arithmetic():
-    assert distributed.per_process_batch(32, 2, None, 4) == 4
-    assert distributed.per_process_batch(32, 2, 4, 4) == 4
-    assert distributed.effective_batch(4, 2, 4) == 32
+    assert config.per_process_batch(32, 2, None, 4) == 4
+    assert config.per_process_batch(32, 2, 4, 4) == 4
+    assert config.effective_batch(4, 2, 4) == 32
     with pytest.raises(LoralabError, match="not a multiple of 8"):
-        distributed.per_process_batch(20, 2, None, 4)
+        config.per_process_batch(20, 2, None, 4)
     with pytest.raises(LoralabError, match="disagree"):
-        distributed.per_process_batch(32, 1, 4, 4)
+        config.per_process_batch(32, 1, 4, 4)
 
 
 def test_global_batch_in_one_process(models, data, tmp_path):

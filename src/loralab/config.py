@@ -9,6 +9,7 @@ the data) so the ``config.yaml`` in a run dir is the exact recipe that made it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class TrainConfig:
     alpha: float | None = None  # None: 2 * rank
     dropout: float = 0.0
     targets: str = "attention"  # "attention", "all-linear", "a,b,c" suffixes or "re:..."
+    # MoE experts' 3-D weights (peft's target_parameters): "experts" or "experts.down_proj,..."
+    target_parameters: str | None = None
     use_rslora: bool = False  # rsLoRA (Kalajdzievski, 2023): scaling alpha / sqrt(r)
     # LoRA variants under peft's names (method lora or qlora; see loralab.lora.variants)
     use_dora: bool = False  # DoRA (Liu et al., 2024); on qlora: QDoRA
@@ -118,8 +121,6 @@ class TrainConfig:
         if self.metric is None:
             self.metric = "f1" if self.task == "classify" else "loss"
         if self.global_batch_size is not None:
-            from loralab.train.distributed import per_process_batch, world_size
-
             self.batch_size = per_process_batch(self.global_batch_size, self.grad_accum,
                                                 self.batch_size, world_size())
         if self.batch_size is None:
@@ -128,6 +129,22 @@ class TrainConfig:
             self.eval_batch_size = self.batch_size * (2 if self.task == "classify" else 1)
         validate(self)
         return self
+
+    def effective_batch(self, world: int | None = None) -> int:
+        """Examples per optimizer step over all processes (batch x accum x world)."""
+        return effective_batch(self.batch_size, self.grad_accum,
+                               world_size() if world is None else world)
+
+    def lora_config(self):
+        """The engine's LoRAConfig for this run; building it checks its rules."""
+        from loralab.lora import LoRAConfig
+
+        if self.method == "head":  # no LoRA layer: only a trainable copy of the head
+            return LoRAConfig(r=self.rank, alpha=self.alpha, task="classify")
+        return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          targets=self.targets, use_rslora=self.use_rslora,
+                          target_parameters=self.target_parameters, use_dora=self.use_dora,
+                          init_lora_weights=self.init_lora_weights, task=self.task)
 
     @property
     def metric_higher_is_better(self) -> bool:
@@ -138,6 +155,42 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- batch arithmetic (litgpt keeps it on its TrainArgs too) -----------------
+
+def world_size() -> int:
+    """Processes in this run, as the launcher set them (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def effective_batch(batch_size: int, grad_accum: int, world: int) -> int:
+    """Examples per optimizer step, over all processes."""
+    return batch_size * grad_accum * world
+
+
+def per_process_batch(global_batch: int, grad_accum: int, batch_size: int | None,
+                      world: int) -> int:
+    """The per-process micro-batch that makes ``global_batch`` per optimizer step.
+
+    ``batch_size`` is what the user also gave (``None``: not given); it must agree.
+    """
+    per_step = max(grad_accum, 1) * world  # grad_accum < 1 is reported by validation
+    if global_batch < 1:
+        raise LoralabError(f"global_batch_size must be >= 1 (got {global_batch}).")
+    if global_batch % per_step:
+        lower = max(per_step, global_batch // per_step * per_step)
+        raise LoralabError(
+            f"global batch size {global_batch} cannot be split over {world} process(es) x "
+            f"grad_accum {grad_accum}: it is not a multiple of {per_step}. Use a multiple of "
+            f"{per_step} (e.g. {lower}), or launch a number of processes that divides it.")
+    batch = global_batch // per_step
+    if batch_size is not None and batch_size != batch:
+        raise LoralabError(
+            f"--batch-size {batch_size} and --global-batch-size {global_batch} disagree: "
+            f"{batch_size} x grad_accum {grad_accum} x {world} process(es) = "
+            f"{effective_batch(batch_size, grad_accum, world)}. Give only one of the two.")
+    return batch
 
 
 def infer_task(data: str) -> str:
@@ -172,10 +225,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(not (cfg.method == "head" and cfg.task == "sft"),
            "method 'head' trains a classification head and does not fit task 'sft'. "
            "Use --method lora, qlora or full for instruction tuning.")
-    _check(cfg.rank >= 1, f"rank must be >= 1 (got {cfg.rank}). Pass --rank 8, for example.")
+    check_numbers(cfg)
     validate_variant(cfg)
-    _check(cfg.alpha > 0, f"alpha must be > 0 (got {cfg.alpha}).")
-    _check(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1) (got {cfg.dropout}).")
+    cfg.lora_config()  # the engine's own rules for rank, alpha, dropout, targets
     _check(cfg.lr > 0, f"lr must be > 0 (got {cfg.lr}).")
     _check(cfg.epochs > 0 or (cfg.max_steps or 0) > 0,
            "nothing to train: set epochs > 0 or max_steps > 0.")
@@ -204,6 +256,31 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.metric in valid_metrics,
            f"metric {cfg.metric!r} does not fit task {cfg.task!r}. "
            f"Use one of: {', '.join(valid_metrics)}.")
+
+
+# Whole numbers beyond these are typos, and overflow torch's int32/int64 or
+# numpy's seeding further down: refused here, with the field named.
+INT_LIMIT = 2**31 - 1
+SEED_LIMIT = 2**32 - 1  # numpy.random.seed's range (accelerate's set_seed seeds numpy)
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every number finite, every whole number in range: before any rule that
+    compares them (``nan > 0`` is False, and an inf lr trains to NaN weights)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        if isinstance(value, bool) or value is None:
+            continue
+        if float in kinds and isinstance(value, (int, float)):
+            _check(math.isfinite(value), f"{f.name} must be a finite number (got {value}). "
+                   f"Pass a value such as {f.name}={_example(float)}.")
+            _check(abs(value) <= 1e12, f"{f.name} {value:g} is out of range.")
+        elif int in kinds and isinstance(value, int):
+            limit = SEED_LIMIT if f.name == "seed" else INT_LIMIT
+            low = 0 if f.name == "seed" else -INT_LIMIT
+            _check(low <= value <= limit, f"{f.name} must be between {low} and {limit} "
+                   f"(got {value}).")
 
 
 def validate_variant(cfg: TrainConfig) -> None:
@@ -242,35 +319,116 @@ def _field_types() -> dict[str, typing.Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+NULLS = ("none", "null", "~", "")
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _bad(name: str, value, kind: str, example: str) -> LoralabError:
+    return LoralabError(f"bad value for {name}: {value!r} is not {kind}. "
+                        f"Write e.g. {name}={example}.")
+
+
+def to_float(value, name: str = "value", *, finite: bool = True) -> float:
+    """A number as users write it, in YAML, key=value or an option: 1e-4, 2E-5,
+    .5, 1_000, 3 (YAML 1.1 reads 1e-4 as a string; Python's float() does not).
+    Non-finite numbers (inf, nan) are refused unless ``finite`` is False."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text) if "__" not in text else None
+        except ValueError:
+            number = None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        number = None
+    if number is None:
+        raise _bad(name, value, "a number", "0.0002")
+    if finite and not math.isfinite(number):
+        raise LoralabError(f"{name} must be a finite number (got {value!r}). "
+                           f"Write e.g. {name}=0.0002.")
+    return number
+
+
+def to_int(value, name: str = "value") -> int:
+    """A whole number: 8, 1_000, 1e3, 8.0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", "") if "__" not in value else "x", 10)
+        except ValueError:
+            pass
+    try:
+        number = to_float(value, name)
+    except LoralabError:
+        raise _bad(name, value, "a whole number", "8") from None
+    if not number.is_integer():
+        raise _bad(name, value, "a whole number", "8")
+    return int(number)
+
+
+def to_bool(value, name: str = "value") -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in TRUE or text in FALSE:
+        return text in TRUE
+    raise _bad(name, value, "true or false", "true")
+
+
+def to_list(value) -> list:
+    """``[a, b]`` (YAML or its text), ``a,b`` or one item -> a list of strings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = text[1:-1].split(",")
+        else:
+            value = text.split(",")
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+# String settings that also take a list (written back as "a,b").
+LIST_FIELDS = ("targets", "target_parameters")
+
+
 def coerce(name: str, value):
-    """Convert ``value`` (YAML-parsed or a raw string) to the field's type."""
+    """``value`` (YAML-parsed, a raw ``key=value`` string or an option) as the
+    field's type: the one value parser for every way a setting arrives."""
     hint = _field_types()[name]
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~", ""):
+    if isinstance(value, str) and value.strip().lower() in NULLS:
         value = None
     if value is None:
         if optional:
             return None
         raise LoralabError(
             f"{name} cannot be empty. Give it a value, e.g. {name}={_example(base)}.")
-    if isinstance(value, str) and base is not str:
-        value = yaml.safe_load(value)
     if name == "init_lora_weights" and isinstance(value, bool):  # peft's true / false
         value = "default" if value else "false"
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool)
-        or isinstance(v, float) and v.is_integer(),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
-        dict: lambda v: isinstance(v, dict),
-    }[base](value)
-    if not ok:
-        raise LoralabError(
-            f"bad value for {name}: {value!r} is not a {base.__name__}. "
-            f"Write e.g. {name}={_example(base)}.")
-    return value if base is dict else base(value)
+    if base is bool:
+        return to_bool(value, name)
+    if base is int:
+        return to_int(value, name)
+    if base is float:
+        return to_float(value, name, finite=False)  # validate() names the range
+    if base is dict:
+        value = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise _bad(name, value, "a mapping", "{note: text}")
+        return value
+    if name in LIST_FIELDS and (isinstance(value, (list, tuple))
+                                or str(value).strip().startswith("[")):
+        return ",".join(to_list(value))
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _bad(name, value, "text", _example(base))
+    return str(value)
 
 
 def _example(base) -> str:

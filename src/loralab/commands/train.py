@@ -6,11 +6,20 @@ import os
 
 import click
 
+from loralab.config import (
+    DEFAULT_LR,
+    DEFAULT_LR_CLASSIFY,
+    METHODS,
+    PRECISIONS,
+    SCHEDULERS,
+    TASKS,
+)
+
 OPTIONS = [
     ("--model", str, "Model: alias (minilm, smollm2-135m), local HF dir or hub id."),
     ("--data", str, "Training data file, or a built-in set: tickets, instructions."),
-    ("--task", click.Choice(["classify", "sft"]), "Task (default: from the data)."),
-    ("--method", click.Choice(["full", "lora", "qlora", "head"]), "Fine-tuning method."),
+    ("--task", click.Choice(TASKS), "Task (default: from the data)."),
+    ("--method", click.Choice(METHODS), "Fine-tuning method."),
     ("--output", str, "Run directory (default: runs/<model>-<task>-<method>-<time>)."),
     ("--eval-data", str, "Eval file (default: 10% of --data)."),
     ("--test-data", str, "Test file (default: 10% of --data)."),
@@ -19,6 +28,8 @@ OPTIONS = [
     ("--rank", int, "LoRA rank r."),
     ("--alpha", float, "LoRA alpha (default 2 x rank)."),
     ("--targets", str, "LoRA targets: attention, all-linear, a,b,c or re:REGEX."),
+    ("--target-parameters", str, "LoRA on MoE experts' 3-D weights: experts, or "
+     "experts.gate_up_proj,experts.down_proj (peft's target_parameters)."),
     ("--dropout", float, "LoRA dropout."),
     ("--init-lora-weights", str, ("LoRA init, peft's names: default, gaussian, pissa, "
                                   "pissa_niter_K (fast SVD), olora.")),
@@ -28,17 +39,19 @@ OPTIONS = [
     ("--batch-size", int, "Examples per micro-batch (per process)."),
     ("--grad-accum", int, "Micro-batches per optimizer step."),
     ("--global-batch-size", int, "Examples per step, all processes (batch x accum x procs)."),
-    ("--lr", float, ("Peak learning rate [default: full 2e-5; LoRA/QLoRA 1e-3 for "
-                     "classify, 2e-4 for sft; head 1e-3].")),
+    ("--lr", float, (f"Peak learning rate [default: full {DEFAULT_LR['full']:.0e}; LoRA/QLoRA "
+                     f"{DEFAULT_LR_CLASSIFY['lora']:.0e} for classify, "
+                     f"{DEFAULT_LR['lora']:.0e} otherwise; head {DEFAULT_LR['head']:.0e}]."
+                     .replace("e-0", "e-"))),
     ("--weight-decay", float, "AdamW weight decay."),
     ("--warmup-ratio", float, "Fraction of steps of linear warmup."),
-    ("--scheduler", click.Choice(["linear", "cosine", "constant"]), "Decay after warmup."),
+    ("--scheduler", click.Choice(SCHEDULERS), "Decay after warmup."),
     ("--max-length", int, "Max tokens per example (longer rows are truncated)."),
     ("--eval-every", int, "Evaluate every N steps (default: each epoch)."),
     ("--metric", str, "Metric that picks the best checkpoint (f1, accuracy, loss...)."),
     ("--seed", int, "Random seed."),
     ("--general-text", str, "Plain-text file for forgetting (sft): perplexity before/after."),
-    ("--mixed-precision", click.Choice(["auto", "no", "bf16", "fp16"]), "Autocast dtype."),
+    ("--mixed-precision", click.Choice(PRECISIONS), "Autocast dtype."),
 ]
 
 

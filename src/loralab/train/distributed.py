@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from loralab.config import world_size
 from loralab.errors import LoralabError
 
 FAILURE_KEY = "loralab/failure/{rank}"
@@ -39,48 +40,8 @@ REPORT_WAIT_S = 5.0
 
 # ---- who am I ----------------------------------------------------------------
 
-def world_size() -> int:
-    """Processes in this run, as the launcher set them (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def process_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
-
-
-def is_main_process() -> bool:
-    return process_rank() == 0
-
-
-# ---- batch arithmetic ----------------------------------------------------------
-
-def effective_batch(batch_size: int, grad_accum: int, world: int) -> int:
-    """Examples per optimizer step, over all processes."""
-    return batch_size * grad_accum * world
-
-
-def per_process_batch(global_batch: int, grad_accum: int, batch_size: int | None,
-                      world: int) -> int:
-    """The per-process micro-batch that makes ``global_batch`` per optimizer step.
-
-    ``batch_size`` is what the user also gave (``None``: not given); it must agree.
-    """
-    per_step = max(grad_accum, 1) * world  # grad_accum < 1 is reported by validation
-    if global_batch < 1:
-        raise LoralabError(f"global_batch_size must be >= 1 (got {global_batch}).")
-    if global_batch % per_step:
-        lower = max(per_step, global_batch // per_step * per_step)
-        raise LoralabError(
-            f"global batch size {global_batch} cannot be split over {world} process(es) x "
-            f"grad_accum {grad_accum}: it is not a multiple of {per_step}. Use a multiple of "
-            f"{per_step} (e.g. {lower}), or launch a number of processes that divides it.")
-    batch = global_batch // per_step
-    if batch_size is not None and batch_size != batch:
-        raise LoralabError(
-            f"--batch-size {batch_size} and --global-batch-size {global_batch} disagree: "
-            f"{batch_size} x grad_accum {grad_accum} x {world} process(es) = "
-            f"{effective_batch(batch_size, grad_accum, world)}. Give only one of the two.")
-    return batch
 
 
 # ---- backends: DDP, FSDP, DeepSpeed -------------------------------------------------
