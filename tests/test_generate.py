@@ -1,6 +1,6 @@
 """Generation: the decoding loop against transformers' own greedy search,
 batched rows against single rows, sampling reproducibility, stop strings,
-streaming, and the ``loralab generate`` command with an adapter.
+streamed deltas, and the ``loralab generate`` command with an adapter.
 
 Also home of the tiny-model builders the server tests share: a tiny Llama
 (hidden 64, 2 layers) saved as a model dir with the offline MiniLM tokenizer,
@@ -28,7 +28,6 @@ from loralab.generation import (
     generate,
     generate_batch,
     load_for_generation,
-    stream,
 )
 
 TOKENIZER_DIR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
@@ -165,8 +164,15 @@ def test_stop_string_cuts_and_streams_the_same(tiny):
     sp = SamplingParams(max_tokens=12, stop=(stop,))
     stopped = generate(model, tok, ids, sp)
     assert stopped.text == cut and stopped.finish_reason == "stop"
-    assert "".join(stream(model, tok, ids, sp)) == cut
-    assert "".join(stream(model, tok, ids, SamplingParams(max_tokens=12))) == full
+    assert "".join(streamed(model, tok, ids, sp)) == cut
+    assert "".join(streamed(model, tok, ids, SamplingParams(max_tokens=12))) == full
+
+
+def streamed(model, tok, ids, params) -> list[str]:
+    """The text deltas ``on_text`` receives, in order (what serve streams)."""
+    deltas: list[str] = []
+    generate_batch(model, tok, [GenerationRequest(ids, params, on_text=deltas.append)])
+    return deltas
 
 
 class _CharTokenizer:

@@ -60,9 +60,6 @@ class Reporter:
             text = " ".join(f"{k} {v:.4f}" for k, v in short.items() if k != "n")
             self.bar.console.print(f"step {step}: eval {text}")
 
-    def message(self, text: str) -> None:
-        self._write({"message": text})
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
