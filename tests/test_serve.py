@@ -274,7 +274,7 @@ ERRORS = [
     ("post", "/v1/completions", {"json": {"model": "nope", "prompt": "x"}}, 404),
     ("post", "/v1/completions", {"json": {"model": "a1", "prompt": "word " * 100}}, 400),
     ("post", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "max_tokens": 500}},
-     400),
+     422),  # over the context alone: the field is wrong whatever the prompt
     ("post", "/v1/chat/completions", {"json": {"model": "a1", "messages": [
         {"role": "user", "content": "word " * 100}]}}, 400),
     ("post", "/v1/classify", {"json": {"model": "a1", "input": "x"}}, 400),
@@ -282,7 +282,7 @@ ERRORS = [
     ("post", "/v1/adapters", {"json": {"name": "x", "path": "/etc"}}, 400),
     ("post", "/v1/adapters", {"json": {"name": "x", "path": "../tiny-llama"}}, 400),
     ("post", "/v1/adapters", {"json": {"name": "x", "path": "."}}, 400),  # the root: no adapter
-    ("post", "/v1/adapters", {"json": {"name": "bad name!", "path": "a1/adapter"}}, 400),
+    ("post", "/v1/adapters", {"json": {"name": "bad name!", "path": "a1/adapter"}}, 422),
     ("post", "/v1/adapters", {"json": {"name": "a1", "path": "a1/adapter"}}, 409),
     ("post", "/v1/adapters", {"json": {"name": "x"}}, 422),
     ("delete", "/v1/adapters/nope", {}, 404),

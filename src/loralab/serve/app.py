@@ -3,7 +3,10 @@ adapter load/unload and health, over a :class:`LoraServer`.
 
 Every error is JSON ``{"error": {"message", "type", "code"}}`` with a 4xx
 status for anything the client can fix; a client mistake never reaches 500
-and never stops the server.
+and never stops the server. Work that grows with the request (tokenizing,
+the prompt-length check, reading an adapter dir) runs off the event loop, and
+a body over ``--max-request-bytes`` is refused before it is read, so one
+client's 5 MB prompt cannot hold up ``/health`` or anyone else's request.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import time
 import uuid
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +32,7 @@ from loralab.generation import (
     encode_prompt,
 )
 from loralab.serve.engine import GenJob
-from loralab.serve.registry import ApiError, Entry
+from loralab.serve.registry import ApiError, Entry, Lease
 from loralab.serve.schemas import (
     CHAT_MAX_TOKENS,
     AdapterLoad,
@@ -47,55 +50,72 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(ApiError(status, message).body(), status_code=status)
 
 
+def _where(loc) -> str:
+    """A field's path for the message: ``messages.0.content``; pydantic's union
+    tags (``str``, ``list[str]``, ``function-after[...]``) left out."""
+    parts = [str(x) for x in loc if x != "body" and not _union_tag(x)]
+    return ".".join(parts) or "body"
+
+
+def _union_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool",
+                                                               "list", "none", "dict"))
+
+
 def _validation_message(errors) -> str:
+    """Field and rule of each problem (at most 5); the values sent are never
+    quoted back (they may be long, or secret)."""
     parts = []
-    for err in errors[:5]:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "Invalid request. " + "; ".join(parts)
+    for err in errors:
+        part = f"{_where(err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        if part not in parts:
+            parts.append(part)
+    return "Invalid request. " + "; ".join(parts[:5])
 
 
 def _unparsed_body(err: dict) -> bool:
-    """A body that arrived as raw text (not sent as JSON) and does not parse as JSON."""
-    raw = err.get("input")
-    if tuple(err.get("loc", ())) != ("body",) or not isinstance(raw, (bytes, str)):
-        return False
-    try:
-        json.loads(raw)
-    except ValueError:
-        return True
-    return False
+    """A body not sent as JSON (raw bytes) where an object was expected. A JSON
+    string or array is parsed JSON of the wrong type: a 422, as documented."""
+    return tuple(err.get("loc", ())) == ("body",) and isinstance(err.get("input"), bytes)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, secret: str | None = None) -> None:
+    def reply(status: int, message: str) -> JSONResponse:
+        if secret:  # a client that put the key in a field gets it back redacted
+            message = message.replace(secret, "<redacted>")
+        return _error(status, message)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" or _unparsed_body(e) for e in errors):
-            return _error(400, "Malformed JSON in the request body. Send a valid JSON object.")
-        return _error(422, _validation_message(errors))
+            return reply(400, "Malformed JSON in the request body. Send a valid JSON object.")
+        return reply(422, _validation_message(errors))
 
     @app.exception_handler(ApiError)
     async def _api(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return reply(exc.status, exc.message)
 
     @app.exception_handler(LoralabError)
     async def _user(request, exc: LoralabError):
-        return _error(400, str(exc))
+        return reply(400, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return reply(exc.status_code, str(exc.detail))
 
 
 class Guard:
     """Outermost ASGI layer: checks ``Authorization: Bearer <key>`` on /v1 routes
-    (when a key is set) and turns an unexpected exception into a JSON 500
-    instead of a dropped connection, so the server keeps serving."""
+    (when a key is set), refuses a body over ``max_body`` bytes (413) before
+    reading it when ``Content-Length`` says so and as soon as a streamed body
+    passes it, and turns an unexpected exception into a JSON 500 instead of a
+    dropped connection, so the server keeps serving."""
 
-    def __init__(self, app, api_key: str | None = None):
+    def __init__(self, app, api_key: str | None = None, max_body: int | None = None):
         self.app = app
         self.key = api_key.encode() if api_key is not None else None
+        self.max_body = max_body
 
     def _authorized(self, scope) -> bool:
         if self.key is None or not scope["path"].startswith("/v1"):
@@ -104,12 +124,43 @@ class Guard:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
 
+    def _refusal(self, scope) -> JSONResponse | None:
+        """401 or 413 before the app (and before the body is read), else None."""
+        if not self._authorized(scope):
+            return _error(401, "Missing or wrong API key. Send 'Authorization: Bearer <key>'.")
+        if self.max_body is None:
+            return None
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is None:
+            return None
+        if not declared.strip().isdigit():
+            return _error(400, "The Content-Length header is not a number.")
+        return self._too_large() if int(declared) > self.max_body else None
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, BodyTooLarge(self.max_body).detail)
+
+    def _counted(self, receive):
+        """``receive`` that stops a streamed body once it passes ``max_body``."""
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request" and self.max_body is not None:
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        return limited
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not self._authorized(scope):
-            reply = _error(401, "Missing or wrong API key. Send 'Authorization: Bearer <key>'.")
-            return await reply(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         started = False
 
         async def tracked(message):
@@ -118,11 +169,24 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked)
+            await self.app(scope, self._counted(receive), tracked)
+        except BodyTooLarge:
+            if not started:
+                await self._too_large()(scope, receive, send)
         except Exception:  # a bug must not take the server down
             log.exception("internal error on %s", scope["path"])
             if not started:
                 await _error(500, "Internal server error.")(scope, receive, send)
+
+
+class BodyTooLarge(HTTPException):
+    """A streamed request body passed ``--max-request-bytes``. An HTTPException,
+    so FastAPI's body parsing passes it on (any other error there becomes a 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is over the server's limit of {limit} "
+                         "bytes. Send a shorter prompt or restart with a larger "
+                         "--max-request-bytes.")
 
 
 def model_card(server: LoraServer, entry: Entry) -> dict:
@@ -147,8 +211,9 @@ def create_app(server: LoraServer) -> FastAPI:
 
     app = FastAPI(title="loralab serve", lifespan=lifespan)
     app.state.server = server
-    install_error_handlers(app)
-    app.add_middleware(Guard, api_key=server.config.api_key)
+    install_error_handlers(app, server.config.api_key)
+    app.add_middleware(Guard, api_key=server.config.api_key,
+                       max_body=server.config.max_request_bytes)
     add_generation_routes(app, server)
     add_admin_routes(app, server)
     return app
@@ -161,17 +226,16 @@ def _sampling(body, max_tokens: int) -> SamplingParams:
                           top_p=body.top_p, stop=tuple(body.stop or ()), seed=body.seed)
 
 
-def _acquire_generator(server: LoraServer, model: str) -> Entry:
-    entry = server.registry.acquire(model)
-    if entry.task != "generate":
-        server.registry.release(entry)
-        what = ("a classification adapter; use POST /v1/classify" if entry.task == "classify"
-                else "an encoder and cannot generate text")
-        raise ApiError(400, f"The model '{model}' is {what}.")
-    return entry
+def _check_max_tokens(server: LoraServer, body) -> None:
+    """``max_tokens`` against the context length: a 422 naming the field, before any work."""
+    if body.max_tokens is not None and body.max_tokens >= server.served.context:
+        raise ApiError(422, f"Invalid request. max_tokens: must be below the model's context "
+                       f"length ({server.served.context} tokens, prompt included), "
+                       f"got {body.max_tokens}.")
 
 
 def _completion_rows(server: LoraServer, body: CompletionRequest, entry: Entry):
+    """Tokenized, length-checked rows (runs on a worker thread: it grows with the prompt)."""
     tok = server.served.tokenizer
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
@@ -184,6 +248,7 @@ def _completion_rows(server: LoraServer, body: CompletionRequest, entry: Entry):
 
 
 def _chat_rows(server: LoraServer, body: ChatRequest, entry: Entry):
+    """As :func:`_completion_rows`, for a conversation."""
     ids = encode_chat(server.served.tokenizer, [m.model_dump() for m in body.messages])
     room = server.served.context - len(ids)
     max_tokens = body.max_tokens or max(1, min(CHAT_MAX_TOKENS, room))
@@ -209,22 +274,22 @@ def _chat_choice(i: int, text: str, finish: str | None, delta: bool) -> dict:
             "finish_reason": finish}
 
 
-async def _generate(server: LoraServer, body, entry: Entry, rows, chat: bool):
+async def _generate(server: LoraServer, body, lease: Lease, rows, chat: bool):
     kind = "chat.completion" if chat else "text_completion"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
             "created": int(time.time()), "model": body.model}
     if body.stream:
-        return StreamingResponse(_start_stream(server, entry, rows, head, chat),
+        return StreamingResponse(_start_stream(server, lease, rows, head, chat),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
     def done(error):
-        server.registry.release(entry)
+        lease.release()
         loop.call_soon_threadsafe(settle, future, None, error)
 
-    server.submit(GenJob(rows, done), entry)
+    server.submit(GenJob(rows, done), lease)
     await future
     choices = [_chat_choice(i, r.text, r.finish_reason, False) if chat
                else _completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(rows)]
@@ -235,7 +300,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _start_stream(server: LoraServer, entry: Entry, rows, head: dict, chat: bool):
+def _start_stream(server: LoraServer, lease: Lease, rows, head: dict, chat: bool):
     """Queue the rows now (so their reference is released even if the client
     never reads) and return the SSE body: one chunk per text delta, a closing
     chunk per row, then ``[DONE]``."""
@@ -245,10 +310,10 @@ def _start_stream(server: LoraServer, entry: Entry, rows, head: dict, chat: bool
         row.on_text = (lambda delta, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, delta)))
 
     def done(error):
-        server.registry.release(entry)
+        lease.release()
         loop.call_soon_threadsafe(queue.put_nowait, (None, error))
 
-    server.submit(GenJob(rows, done), entry)
+    server.submit(GenJob(rows, done), lease)
     return _sse_body(queue, rows, head, chat)
 
 
@@ -284,23 +349,17 @@ async def _sse_body(queue: asyncio.Queue, rows, head: dict, chat: bool):
 def add_generation_routes(app: FastAPI, server: LoraServer) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        entry = _acquire_generator(server, body.model)
-        try:
-            rows = _completion_rows(server, body, entry)
-        except BaseException:
-            server.registry.release(entry)
-            raise
-        return await _generate(server, body, entry, rows, chat=False)
+        _check_max_tokens(server, body)
+        with server.registry.lease(body.model, task="generate") as lease:
+            rows = await asyncio.to_thread(_completion_rows, server, body, lease.entry)
+            return await _generate(server, body, lease, rows, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        entry = _acquire_generator(server, body.model)
-        try:
-            rows = _chat_rows(server, body, entry)
-        except BaseException:
-            server.registry.release(entry)
-            raise
-        return await _generate(server, body, entry, rows, chat=True)
+        _check_max_tokens(server, body)
+        with server.registry.lease(body.model, task="generate") as lease:
+            rows = await asyncio.to_thread(_chat_rows, server, body, lease.entry)
+            return await _generate(server, body, lease, rows, chat=True)
 
 
 # -- classification, models, adapters, health ---------------------------------
@@ -322,21 +381,16 @@ def add_admin_routes(app: FastAPI, server: LoraServer) -> None:
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest):
-        entry = reg.acquire(body.model)
-        if entry.task != "classify":
-            reg.release(entry)
-            raise ApiError(400, f"The model '{body.model}' is not a classification adapter. "
-                           "Use POST /v1/completions or /v1/chat/completions.")
-        try:
-            ids = _classify_inputs(server, body)
-        except BaseException:
-            reg.release(entry)
-            raise
-        probs = await server.call(lambda: server.served.classify(entry.name, ids), entry)
-        labels = entry.info.labels
-        data = [{"index": i, "label": labels[max(range(len(p)), key=p.__getitem__)],
-                 "label_id": max(range(len(p)), key=p.__getitem__),
-                 "probabilities": dict(zip(labels, p))} for i, p in enumerate(probs)]
+        with reg.lease(body.model, task="classify") as lease:
+            ids = await asyncio.to_thread(_classify_inputs, server, body)
+            name = lease.entry.name
+            probs = await server.call(lambda: server.served.classify(name, ids), lease)
+        labels = lease.entry.info.labels
+        data = []
+        for i, p in enumerate(probs):
+            best = max(range(len(p)), key=p.__getitem__)
+            data.append({"index": i, "label": labels[best], "label_id": best,
+                         "probabilities": dict(zip(labels, p))})
         return {"object": "list", "model": body.model, "data": data}
 
     @app.get("/v1/models")

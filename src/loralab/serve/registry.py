@@ -1,7 +1,8 @@
 """Which adapters are served, and how many requests are using each.
 
 A request takes a reference on its adapter before it is queued and gives it
-back when the worker is done with it. Unloading first marks the adapter as
+back when the worker is done with it (:class:`Lease`, the one place that
+pairs the two). Unloading first marks the adapter as
 draining (new requests get 404), then waits until no reference is left, so a
 request that was already accepted always finishes on the adapter it asked for.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from loralab.serve.adapters import AdapterInfo
 
@@ -19,8 +20,10 @@ from loralab.serve.adapters import AdapterInfo
 class ApiError(Exception):
     """An HTTP error with a JSON body: ``{"error": {"message", "type", "code"}}``."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             409: "conflict_error", 422: "invalid_request_error", 503: "service_unavailable"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+        409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
+        503: "service_unavailable"}
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -77,6 +80,10 @@ class Registry:
         with self.lock:
             entry.refs -= 1
 
+    def lease(self, name: str, task: str | None = None) -> Lease:
+        """``with registry.lease(name) as lease:`` a reference for one request."""
+        return Lease(self, name, task)
+
     def names(self) -> list[str]:
         return [self.base.name] + [n for n, e in self.entries.items() if e.state == "ready"]
 
@@ -116,3 +123,52 @@ class Registry:
     def in_use(self, entry: Entry) -> bool:
         with self.lock:
             return entry.refs > 0
+
+
+class Lease:
+    """One request's reference on a model, as a context manager.
+
+    ``__enter__`` acquires it (404 if unknown; 400 if ``task`` is given and the
+    model does another). Leaving the block gives it back, unless it was handed
+    to the worker (:meth:`hand_off`): then the worker's job gives it back when
+    it is done, so an accepted request keeps its adapter loaded to the end.
+    :meth:`release` may run from either side; only the first call counts.
+    """
+
+    def __init__(self, registry: Registry, name: str, task: str | None = None):
+        self.registry, self.name, self.task = registry, name, task
+        self.entry: Entry | None = None
+        self.handed_off = False
+        self._released = False
+
+    def __enter__(self) -> Self:
+        self.entry = self.registry.acquire(self.name)
+        if self.task is not None and self.entry.task != self.task:
+            self.release()
+            raise ApiError(400, wrong_task(self.name, self.entry.task, self.task))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.handed_off:
+            self.release()
+
+    def hand_off(self) -> None:
+        """The worker now holds this reference; it calls :meth:`release` when done."""
+        self.handed_off = True
+
+    def release(self) -> None:
+        with self.registry.lock:
+            if self._released:
+                return
+            self._released = True
+            self.entry.refs -= 1
+
+
+def wrong_task(name: str, task: str, wanted: str) -> str:
+    """Why model ``name`` (doing ``task``) cannot serve a ``wanted`` request."""
+    if wanted == "classify":
+        return (f"The model '{name}' is not a classification adapter. "
+                "Use POST /v1/completions or /v1/chat/completions.")
+    if task == "classify":
+        return f"The model '{name}' is a classification adapter; use POST /v1/classify."
+    return f"The model '{name}' is an encoder and cannot generate text."
