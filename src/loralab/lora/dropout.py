@@ -1,12 +1,13 @@
 """Dropout with a cheaper mask on CPU.
 
 ``torch.nn.Dropout`` draws its mask with ``bernoulli_``, which on CPU costs one
-32-bit Mersenne-twister draw and a float compare per element: on a 2-core CPU
-that was a fifth of a LoRA training step of minilm (57 dropout layers per
-forward: 37 LoRA inputs and BERT's own 20). Here one 64-bit draw makes the mask
-of four elements: its bits are split into four 16-bit chunks, each compared
-with ``p`` at a resolution of 2^-15 (so p = 0.1 drops 0.100006 of the
-elements), and kept values are scaled by 1 / (1 - p) as usual. The draws come
+32-bit Mersenne-twister draw and a float compare per element, and a LoRA step
+runs a dropout on every adapted layer's input besides the model's own: a large
+share of the step (BENCHMARKS.md, "CPU training changes: what each saved").
+Here one 64-bit draw makes the mask of four elements: its bits are split into
+four 16-bit chunks, each compared with ``p`` at a resolution of 2^-15 (so
+p = 0.1 drops 0.100006 of the elements), and kept values are scaled by
+1 / (1 - p) as usual. The draws come
 from torch's default generator, so ``torch.manual_seed`` and checkpointed RNG
 state make runs repeatable and resumable as before. On GPUs, torch's own
 (Philox) dropout is already fast and is used unchanged.

@@ -3,12 +3,12 @@
 With ``dropout_p > 0`` torch's ``scaled_dot_product_attention`` has no fused
 CPU kernel: it takes its math path, which draws the dropout mask with
 ``bernoulli_`` and runs a "safe" softmax (an ``all`` and two ``where`` over
-the scores to zero fully masked rows), about 0.4 ms per layer and
-micro-batch for minilm at batch 4 on a 2-core CPU. Here the same math is
-spelled out as transformers' eager attention does it (masked positions at the
-dtype's minimum, plain softmax) with :mod:`loralab.lora.dropout`'s cheaper
-mask: 2.5-4 % off a minilm LoRA step (two A/B runs). Every other case — no dropout (eval),
-GPUs, causal or grouped-query attention, position biases, soft-capping —
+the scores to zero fully masked rows), a share of every LoRA step on CPU
+(BENCHMARKS.md, "CPU training changes: what each saved"). Here the
+same math is spelled out as transformers' eager attention does it (masked
+positions at the dtype's minimum, plain softmax) with
+:mod:`loralab.lora.dropout`'s cheaper mask. Every other case — no dropout
+(eval), GPUs, causal or grouped-query attention, position biases, soft-capping —
 goes to transformers' own SDPA function unchanged.
 
 It is registered with transformers' ``AttentionInterface`` (its extension

@@ -63,8 +63,8 @@ def load_weights(source: Path, model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def _without_crc32():
     """torch.save without its per-record CRC-32, which torch.load does not
-    check: the CRC took 40-250 ms of a 190 MB AdamW state's save on a 2-core
-    CPU, more than the write. A checkpoint is whole or absent (atomic_dir)."""
+    check, and it took longer than the write (BENCHMARKS.md, "CPU training
+    changes: what each saved"). A checkpoint is whole or absent (atomic_dir)."""
     from torch import serialization
 
     get = getattr(serialization, "get_crc32_options", None)

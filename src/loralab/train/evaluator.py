@@ -21,8 +21,9 @@ class Evaluator:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.multiple = 8 if accelerator.device.type == "cuda" else 1
         if label_names is not None:
-            # scikit-learn's first import takes ~1.3 s on a 2-core CPU: here, before
-            # training starts, not inside the first eval and the run's train time
+            # scikit-learn's first import is slow (BENCHMARKS.md, "CPU training
+            # changes: what each saved"): here, before training starts, not
+            # inside the first eval and the run's train time
             import sklearn.metrics  # noqa: F401
 
     def evaluate(self, enc: Encoded) -> dict:

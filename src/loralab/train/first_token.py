@@ -10,13 +10,12 @@ and so are the gradients that reach the weights; dropout in that layer draws
 its masks for the one position it keeps, so a seeded run draws different masks
 than the full layer would.
 
-For minilm (6 layers) this skips 5/6 of one layer's linear work, ~14 % of the
-model's matmul FLOPs: ~9 % of a full fine-tuning step on a 2-core CPU (A/B in
-one process). It is installed on loralab's own model instance (training and
-``loralab eval``), which is only asked for logits; other models, heads that read
-other positions (decoder classifiers read the last token), cross-attention,
-feed-forward chunking and attention kernels other than eager/SDPA are left
-alone.
+It skips most of the last layer's linear work, which a CPU step pays in full
+(BENCHMARKS.md, "CPU training changes: what each saved"). It is installed on
+loralab's own model instance (training and ``loralab eval``), which is only
+asked for logits; other models, heads that read other positions (decoder
+classifiers read the last token), cross-attention, feed-forward chunking and
+attention kernels other than eager/SDPA are left alone.
 """
 
 from __future__ import annotations

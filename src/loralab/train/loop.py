@@ -263,9 +263,9 @@ def _sparse_embeddings(model, world: int, device: str) -> list:
 
     A dense embedding gradient is a zeroed (vocab x hidden) tensor per
     micro-batch (47 MB for BERT's 30,522 x 384) plus a full-size add to
-    accumulate it, though a batch touches a few hundred rows: a tenth of a
-    minilm full fine-tuning step on a 2-core CPU. Sparse gradients accumulate
-    only the rows used and are made dense once per optimizer step, before
+    accumulate it, though a batch touches a few hundred rows (the cost:
+    BENCHMARKS.md, "CPU training changes: what each saved"). Sparse gradients
+    accumulate only the rows used and are made dense once per optimizer step, before
     clipping, so AdamW (every row decays, as usual) sees the same gradient.
     Tied input/output embeddings get dense gradients from the output side
     anyway and are left alone, as are multi-process and GPU runs.
@@ -306,9 +306,9 @@ def clip_grad_norm(params: list, max_norm: float, sparse: list[_DenseGrad]) -> f
 class _DenseGrad:
     """The dense gradient of a sparse-gradient embedding, in one buffer kept
     across steps. A fresh (vocab x hidden) tensor per step costs more than the
-    step's own rows: 47 MB of new pages to fault in and zero for minilm (~60 ms
-    under the profiler; ~8 % of a full step in an A/B on a 2-core CPU). Here
-    only the rows the previous step wrote are cleared."""
+    step's own rows: 47 MB of new pages to fault in and zero for minilm
+    (BENCHMARKS.md, "CPU training changes: what each saved"). Here only the
+    rows the previous step wrote are cleared."""
 
     def __init__(self, param: torch.Tensor):
         self.param, self.buffer, self.rows, self.values = param, None, None, None

@@ -44,8 +44,8 @@ def keep_freed_heap() -> bool:
     micro-batch. With glibc's defaults, blocks from about 128 KiB up are mapped
     fresh and handed back to the kernel when freed, and heap tops beyond a few
     MiB are trimmed, so the next micro-batch faults the same pages in and has
-    the kernel zero them again: 13,000 page faults and 10-15 % of a minilm full
-    fine-tuning step on a 2-core CPU. Blocks up to 32 MiB now come from the
+    the kernel zero them again (the cost: BENCHMARKS.md, "CPU training
+    changes: what each saved"). Blocks up to 32 MiB now come from the
     heap, and freed heap is trimmed only beyond 1 GiB; the peak RSS is barely
     higher (freed blocks are reused, not added). Left alone when the user set
     malloc's own environment variables or the C library is not glibc. Returns
