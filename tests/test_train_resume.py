@@ -28,11 +28,9 @@ def train_step(self, micro):
         os.kill(os.getpid(), sig)
     return out
 L.Loop.train_step = train_step
-from conftest import cli
+from loralab.cli import main
 main(sys.argv[3:])
 """
-
-
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -46,11 +44,20 @@ def setup(tmp_path_factory):
     return model, data
 
 
-def args(model, data, out):
+def args(model, data, out, log_every=5):
     # dropout on, so the restored RNG state matters; eval/checkpoint every 5 steps
     return ["train", "--model", model, "--data", data, "--output", out, "--method", "lora",
             "--dropout", "0.1", "--epochs", "3", "--batch-size", "8", "--lr", "0.01",
-            "--eval-every", "5", "log_every=5", "--quiet"]
+            "--eval-every", "5", f"log_every={log_every}", "--quiet"]
+
+
+def log_records(run_dir) -> list[dict]:
+    """log.jsonl without the wall-clock fields (they differ run to run)."""
+    out = []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.append({k: v for k, v in rec.items() if k not in ("tokens_per_second", "elapsed")})
+    return out
 
 
 def run_killed(at: int, sig: str, argv) -> subprocess.CompletedProcess:
@@ -63,8 +70,10 @@ def run_killed(at: int, sig: str, argv) -> subprocess.CompletedProcess:
 def test_sigkill_then_resume_matches_uninterrupted(setup, tmp_path):
     model, data = setup
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert cli(*args(model, data, full)) == 0
-    proc = run_killed(12, "SIGKILL", args(model, data, killed))
+    # log every 3 steps, checkpoint every 5: the checkpoint at step 10 falls inside a
+    # logging window (steps 10-12), which the resumed run must average whole
+    assert cli(*args(model, data, full, log_every=3)) == 0
+    proc = run_killed(12, "SIGKILL", args(model, data, killed, log_every=3))
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "metrics.json").exists()
     state = json.loads((killed / "checkpoint" / "trainer_state.json").read_text())
@@ -75,9 +84,10 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, tmp_path):
     assert a["loss_curve"] == b["loss_curve"]
     assert a["evals"] == b["evals"]
     assert a["test"] == b["test"] and a["eval"] == b["eval"]
-    log = [json.loads(x) for x in (killed / "log.jsonl").read_text().splitlines()]
+    log = log_records(killed)
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
+    assert log == log_records(full)  # the same lines: losses, lrs, evals
 
 
 @pytest.mark.slow

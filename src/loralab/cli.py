@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from loralab.errors import INTERRUPTED, LoralabError
+from loralab.errors import INTERRUPTED, describe
 
 # subcommand -> module in loralab.commands that defines a click command `cmd`
 COMMANDS = {
@@ -25,6 +25,7 @@ COMMANDS = {
     "compare": "compare",
     "sweep": "sweep",
     "serve": "serve",
+    "export": "export",
 }
 
 
@@ -53,24 +54,35 @@ def cli(ctx, debug):
 
 
 def main(argv=None):
+    """Run the CLI; every failure ends as one line on stderr and an exit code
+    (``--debug``: the traceback instead)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="loralab", standalone_mode=False)
-    except LoralabError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(INTERRUPTED)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         if debug:
             raise
         click.echo("interrupted", err=True)
         sys.exit(INTERRUPTED)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(2)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    except click.ClickException as err:
+        click.echo(f"error: {_click_line(err)}", err=True)
+        sys.exit(err.exit_code)
+    except SystemExit:
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        message, code = describe(err)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(code)
+
+
+def _click_line(err: click.ClickException) -> str:
+    """A usage error in one line (click prints usage, a hint and the error)."""
+    text = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        text += f" (see `{ctx.command_path} --help`)"
+    return text

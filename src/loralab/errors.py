@@ -1,12 +1,21 @@
-"""The user-facing error type and its exit codes.
+"""The user-facing error type, its exit codes, and the one line for any other
+exception that reaches the command line.
 
 Every problem a user can fix raises :class:`LoralabError`; the CLI prints its
 one-line message (no traceback unless ``--debug``) and exits with ``exit_code``.
+Exceptions from the environment or third-party code that a user can still fix
+(a full disk, a read-only directory, a truncated safetensors file, a broken
+tokenizer, a number out of range) are turned into one line with a fix by
+:func:`describe`; anything else is a bug and says how to see its traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import traceback
+
 USAGE = 2  # bad input: a file, an option, a model the user named
+BUG = 1  # an unexpected exception
 INTERRUPTED = 130  # Ctrl-C
 
 
@@ -25,3 +34,59 @@ def require(condition: bool, message: str, hint: str | None = None) -> None:
     """Raise :class:`LoralabError` unless ``condition`` holds."""
     if not condition:
         raise LoralabError(message, hint=hint)
+
+
+# errno -> (what happened, the fix)
+OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device",
+                   "Fix: free disk space or choose another --output."),
+    errno.EDQUOT: ("disk quota exceeded",
+                   "Fix: free space within your quota or choose another --output."),
+    errno.EROFS: ("read-only file system", "Fix: choose an --output on a writable disk."),
+    errno.EACCES: ("permission denied",
+                   "Fix: choose a location you can write to, or fix its permissions."),
+    errno.EPERM: ("operation not permitted", "Fix: choose a location you can write to."),
+    errno.ENOENT: ("no such file or directory", "Fix: check the path."),
+    errno.ENOTDIR: ("a path component is a file, not a directory", "Fix: check the path."),
+    errno.EISDIR: ("is a directory, expected a file", "Fix: check the path."),
+    errno.EMFILE: ("too many open files", "Fix: raise the limit (`ulimit -n 4096`)."),
+}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _from_tokenizer(err: BaseException) -> bool:
+    """True if the exception was raised while loading or running a tokenizer."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return any("tokenization_" in f.filename or "/tokenizers/" in f.filename for f in frames)
+
+
+def describe(err: BaseException) -> tuple[str, int]:
+    """The one line (without ``error: ``) and the exit code for ``err``."""
+    if isinstance(err, LoralabError):
+        return str(err), err.exit_code
+    name = type(err).__name__
+    if isinstance(err, OSError) and err.errno in OS_ERRORS:
+        what, fix = OS_ERRORS[err.errno]
+        where = f": {err.filename}" if err.filename else ""
+        return f"{what}{where}. {fix}", USAGE
+    if name == "SafetensorError" or type(err).__module__.startswith("safetensors"):
+        return (f"a .safetensors file is corrupt, truncated or not safetensors "
+                f"({_one_line(err)}). Fix: save or download the model/adapter again."), USAGE
+    if isinstance(err, MemoryError) or name == "OutOfMemoryError":
+        return ("out of memory. Fix: lower --batch-size, add --gradient-checkpointing or use "
+                "--method qlora; `loralab estimate` tells what fits."), USAGE
+    if _from_tokenizer(err):
+        return (f"the tokenizer could not be loaded or run ({name}: {_one_line(err)}). Fix: "
+                "check the tokenizer files (tokenizer.json, tokenizer_config.json) of the "
+                "model dir, or copy them from the base model."), USAGE
+    if isinstance(err, (OverflowError, ValueError)):
+        return (f"bad value ({name}: {_one_line(err)}). Fix: check the numbers and files "
+                "given; see `loralab COMMAND --help` for the valid ranges."), USAGE
+    if isinstance(err, OSError):
+        return f"{_one_line(err)}. Fix: check the path and the disk.", USAGE
+    return (f"{name}: {_one_line(err)} (a bug in loralab or a library: rerun with --debug "
+            "for the traceback)"), BUG

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from loralab.commands.options import POSITIVE_INT
+
 
 @click.command("eval")
 @click.option("--model", required=True, help="Base model (alias, dir, hub id) or a saved model/.")
@@ -13,8 +15,8 @@ import click
 @click.option("--data", required=True, help="Table (classify), instruction JSON/JSONL, or .txt.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--max-length", type=int, default=None, help="Default: the training max length.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=POSITIVE_INT, default=None, help="Default: the training max length.")
+@click.option("--batch-size", type=POSITIVE_INT, default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def cmd(model, adapter, data, text_column, label_column, max_length, batch_size, as_json):
     """Evaluate MODEL (+ ADAPTER) on DATA with the training metrics."""

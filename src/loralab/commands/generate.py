@@ -10,6 +10,8 @@ import json
 
 import click
 
+from loralab.commands.options import POSITIVE_INT, SEED, TEMPERATURE, TOP_P
+
 
 @click.command("generate")
 @click.option("--model", required=True, help="Base model: alias, local dir or hub id.")
@@ -17,11 +19,11 @@ import click
               help="Adapter dir (PEFT format) or a run dir holding adapter/.")
 @click.option("--prompt", required=True, help="Prompt text (used as-is unless --chat).")
 @click.option("--chat", is_flag=True, help="Treat the prompt as a user message in the chat format.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True,
+@click.option("--max-tokens", type=POSITIVE_INT, default=64, show_default=True)
+@click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True,
               help="0 is greedy decoding.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for sampled decoding.")
+@click.option("--top-p", type=TOP_P, default=1.0, show_default=True)
+@click.option("--seed", type=SEED, default=None, help="Seed for sampled decoding.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON object (text, finish_reason, token counts).")

@@ -27,6 +27,22 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+class NonFiniteWeights(ValueError):
+    """A tensor about to be saved holds inf or nan (``name``: the first one)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"{name} holds inf/nan")
+
+
+def require_finite(state: dict[str, torch.Tensor]) -> None:
+    """Refuse to save non-finite weights: a checkpoint is a state worth resuming.
+    Checked on the CPU copies the save makes anyway (no extra device sync)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeights(name)
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
@@ -52,8 +68,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_weights(target: Path, model: torch.nn.Module) -> None:
+    state = trainable_state(model)
+    require_finite(state)
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(state, str(tmp / "trainable.safetensors"))
 
 
 def load_weights(source: Path, model: torch.nn.Module) -> None:
@@ -80,12 +98,22 @@ def _without_crc32():
 
 
 def save_checkpoint(target: Path, model, optimizer, scheduler, progress: dict) -> None:
+    state = trainable_state(model)
+    require_finite(state)
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(state, str(tmp / "trainable.safetensors"))
         with _without_crc32():
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / STATE).write_text(json.dumps(progress, indent=1))
+
+
+def saved_step(source: Path) -> int | None:
+    """The optimizer step a checkpoint was taken at (None: unreadable)."""
+    try:
+        return int(json.loads((source / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_checkpoint(source: Path, model, optimizer, scheduler) -> dict:

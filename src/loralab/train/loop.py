@@ -44,6 +44,9 @@ class LoopState:
     gradients_bytes: int = 0
     optimizer_bytes: int = 0
     world: int = 1  # processes: a resumed run must split its batches the same way
+    # the logging window (loss sum and steps since the last log line): saved with
+    # the checkpoint so a resumed run logs the same averages as an unbroken one
+    window: list = field(default_factory=lambda: [0.0, 0])
 
 
 class Loop:
@@ -167,12 +170,13 @@ class Loop:
     def _train(self, reporter: Reporter) -> None:
         s, cfg = self.state, self.cfg
         t0 = time.perf_counter() - s.train_seconds
-        window = _Window()
+        window = self.window = _Window(*s.window)
         self.model.train()
         while s.step < self.total_steps:
             steps = self._epoch_plan(s.epoch)
             for i in range(s.step_in_epoch, len(steps)):
                 loss, tokens = self.train_step(steps[i])
+                self._check_finite(loss, s.step + 1)
                 s.step, s.step_in_epoch = s.step + 1, i + 1
                 s.train_tokens += tokens
                 window.add(loss, tokens)
@@ -224,13 +228,47 @@ class Loop:
         if better:
             s.best_metric, s.best_step = value, s.step
             if self.is_main and self.run_dir is not None and self.cfg.keep_best:
-                ckpt.save_weights(self.run_dir / "best", self.acc.unwrap_model(self.model))
+                with self._finite_save():
+                    ckpt.save_weights(self.run_dir / "best", self.acc.unwrap_model(self.model))
         self.acc.wait_for_everyone()
 
+    def _check_finite(self, loss: float, step: int) -> None:
+        """Stop at a non-finite loss, before any checkpoint or artifact holds the
+        weights that made it. The step's loss is already a host float (the one
+        ``.item()`` per step in ``train_step``), so the check adds no device sync."""
+        if not math.isfinite(loss):
+            raise self.non_finite(f"training loss became {loss}", step)
+
+    def non_finite(self, what: str, step: int) -> LoralabError:
+        """The one line for a run that diverged at ``step``."""
+        return LoralabError(
+            f"{what} at step {step} (lr {self.cfg.lr:g}): the learning rate is likely too "
+            f"high. Nothing of this step was saved; {self._last_checkpoint()}.",
+            hint="Fix: lower --lr (e.g. by 10x) and train again with --overwrite.")
+
+    @contextlib.contextmanager
+    def _finite_save(self):
+        try:
+            yield
+        except ckpt.NonFiniteWeights as err:
+            raise self.non_finite(f"the weights hold inf/nan ({err.name})",
+                                  self.state.step) from None
+
+    def _last_checkpoint(self) -> str:
+        path = self._path("checkpoint")
+        if path is None or not (path / ckpt.STATE).is_file():
+            return "no checkpoint had been written yet"
+        return f"the last checkpoint (step {ckpt.saved_step(path)}) is kept in {path}"
+
     def _save_checkpoint(self) -> None:
+        window = getattr(self, "window", None)
+        if window is not None:
+            self.state.window = window.saved()
         if self.cfg.save_checkpoints and self.run_dir is not None and self.is_main:
-            ckpt.save_checkpoint(self.run_dir / "checkpoint", self.acc.unwrap_model(self.model),
-                                 self.optimizer, self.scheduler, asdict(self.state))
+            with self._finite_save():
+                ckpt.save_checkpoint(self.run_dir / "checkpoint",
+                                     self.acc.unwrap_model(self.model), self.optimizer,
+                                     self.scheduler, asdict(self.state))
         self.acc.wait_for_everyone()
 
     def _resume(self, run_dir: Path) -> None:
@@ -340,8 +378,13 @@ class _DenseGrad:
 class _Window:
     """Loss and throughput since the last log line."""
 
-    def __init__(self):
-        self.loss, self.steps, self.tokens, self.t = 0.0, 0, 0, time.perf_counter()
+    def __init__(self, loss: float = 0.0, steps: int = 0, tokens: int = 0):
+        self.loss, self.steps, self.tokens, self.t = loss, steps, tokens, time.perf_counter()
+
+    def saved(self) -> list:
+        """What a checkpoint keeps: the loss average's terms (tokens/s starts
+        afresh with its clock on resume)."""
+        return [self.loss, self.steps]
 
     def add(self, loss: float, tokens: int) -> None:
         self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens

@@ -232,11 +232,8 @@ def _refuse_non_finite(model, loop: Loop) -> None:
     bad = [n for n, p in model.named_parameters()
            if p.requires_grad and not bool(torch.isfinite(p).all())]
     if bad:
-        raise LoralabError(
-            f"the trained weights hold inf/nan after step {loop.state.step} ({bad[0]}, "
-            f"{len(bad)} tensor(s); lr {loop.cfg.lr:g}): the learning rate is likely too "
-            f"high. Nothing was saved; {loop._last_checkpoint()}.",
-            hint="Fix: lower --lr (e.g. by 10x) and train again with --overwrite.")
+        raise loop.non_finite(f"the trained weights hold inf/nan ({bad[0]}, {len(bad)} "
+                              "tensor(s))", loop.state.step)
 
 
 def _save(loop: Loop, cfg: TrainConfig, tok, run_dir: Path, prep, splits, results) -> None:
