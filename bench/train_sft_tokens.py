@@ -6,6 +6,10 @@ a fixed number of optimizer steps. Tokens/s counts real (unpadded) tokens fed
 to the model. Each side runs in its own subprocess.
 
     .venv/bin/python bench/train_sft_tokens.py --steps 10
+
+``--loss-ab`` measures loralab's own peak memory with the chunked, labels-only
+LM loss and with the plain full-logits loss (same run otherwise), with
+``--fill`` making every row 512 tokens long (four Alpaca answers per record).
 """
 
 from __future__ import annotations
@@ -23,17 +27,29 @@ ALPACA = ROOT / ".." / "shared" / "datasets" / "alpaca" / "alpaca_data_first2000
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def records(n: int) -> list[dict]:
-    return json.loads(ALPACA.read_text(encoding="utf-8"))[:n]
+def records(n: int, fill: bool = False) -> list[dict]:
+    rows = json.loads(ALPACA.read_text(encoding="utf-8"))
+    if not fill:
+        return rows[:n]
+    # four answers per record: every row reaches --max-length 512
+    return [{"instruction": rows[4 * i]["instruction"], "input": "",
+             "output": "\n\n".join(r["output"] for r in rows[4 * i:4 * i + 8])}
+            for i in range(n)]
 
 
-def loralab_job(steps: int, batch: int, n: int) -> dict:
+def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
+                fill: bool = False) -> dict:
     from loralab.config import build_config
     from loralab.train import run_training
 
+    if plain_loss:  # the reference: logits over every position, as before
+        from loralab.train import lm_loss
+
+        lm_loss.chunkable = lambda model: False
+
     tmp = Path(tempfile.mkdtemp(prefix="sft-"))
     data = tmp / "train.json"
-    data.write_text(json.dumps(records(n)))
+    data.write_text(json.dumps(records(n, fill)))
     cfg = build_config(None, None, {
         "model": "smollm2-135m", "data": str(data), "task": "sft", "method": "lora",
         "rank": 8, "alpha": 16, "targets": ",".join(TARGETS), "batch_size": batch,
@@ -84,6 +100,7 @@ def trl_job(steps: int, batch: int, n: int) -> dict:
 def run_job(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--job", kind, "--steps", str(args.steps),
            "--batch", str(args.batch), "--records", str(args.records)]
+    cmd += ["--fill"] if args.fill else []
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
@@ -95,14 +112,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--records", type=int, default=200)
-    ap.add_argument("--job", choices=["loralab", "trl"])
+    ap.add_argument("--job", choices=["loralab", "loralab-plain", "trl"])
+    ap.add_argument("--fill", action="store_true", help="every row 512 tokens long")
+    ap.add_argument("--loss-ab", action="store_true",
+                    help="loralab with the chunked vs the plain LM loss (peak memory)")
     args = ap.parse_args()
     if args.job:
-        fn = loralab_job if args.job == "loralab" else trl_job
-        print(json.dumps(fn(args.steps, args.batch, args.records)))
+        if args.job == "trl":
+            print(json.dumps(trl_job(args.steps, args.batch, args.records)))
+        else:
+            print(json.dumps(loralab_job(args.steps, args.batch, args.records,
+                                         plain_loss=args.job == "loralab-plain",
+                                         fill=args.fill)))
         return
     if not ALPACA.is_file():
         raise SystemExit(f"{ALPACA} not found: this benchmark needs ../shared/datasets")
+    if args.loss_ab:
+        plain, chunked = run_job("loralab-plain", args), run_job("loralab", args)
+        report = {"date": time.strftime("%Y-%m-%d"), "plain": plain, "chunked": chunked,
+                  "command": " ".join([Path(sys.executable).name] + sys.argv)}
+        if "peak_rss_bytes" in plain and "peak_rss_bytes" in chunked:
+            report["peak_ratio"] = chunked["peak_rss_bytes"] / plain["peak_rss_bytes"]
+        print(json.dumps(report, indent=2))
+        return
     ours = run_job("loralab", args)
     try:
         import trl  # noqa: F401

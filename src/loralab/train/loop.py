@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from loralab.data.batching import collate, count_targets, plan_batches, plan_steps
-from loralab.data.encode import IGNORE, Encoded
+from loralab.data.encode import Encoded
 from loralab.errors import LoralabError
 from loralab.train import checkpoint as ckpt
-from loralab.train.distributed import local_rows
+from loralab.train.distributed import is_sharded, local_rows
 from loralab.train.evaluator import Evaluator
+from loralab.train.lm_loss import causal_lm_loss_sum
 from loralab.train.memory import gradient_bytes, optimizer_bytes
 from loralab.train.optim import make_optimizer, make_scheduler, trainable_parameters
 from loralab.train.progress import Reporter, truncate_log
@@ -68,6 +69,9 @@ class Loop:
         self.scheduler = make_scheduler(self.optimizer, cfg.scheduler, self.warmup,
                                         self.total_steps)
         self.params = [p for _, p in trainable_parameters(self.model)]
+        # the bare module the chunked LM loss may bypass the head of; FSDP keeps
+        # the head sharded outside the root forward, so it keeps the plain loss
+        self.inner = None if is_sharded(accelerator) else accelerator.unwrap_model(self.model)
         self.sparse_embeddings = [_DenseGrad(p) for p in _sparse_embeddings(
             self.acc.unwrap_model(self.model), self.world, accelerator.device.type)]
         self.state = LoopState(world=self.world)
@@ -86,16 +90,12 @@ class Loop:
     # ---- loss ---------------------------------------------------------
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed cross-entropy of the batch (not averaged)."""
-        logits = self.model(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
-        if labels.ndim == 1:  # classify: logits (B, C)
-            return F.cross_entropy(logits.float(), labels, reduction="sum")
-        # causal LM: logits (B, T, V); position t predicts token t+1
-        shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-        shift_labels = labels[:, 1:]  # (B, T-1)
-        return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                               shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        if labels.ndim > 1:  # causal LM: the head only where there are labels, in chunks
+            return causal_lm_loss_sum(self.model, batch, self.inner)
+        logits = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits  # (B, C)
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}

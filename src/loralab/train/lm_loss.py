@@ -1,0 +1,131 @@
+"""The causal-LM loss only where there are labels, in chunks.
+
+The plain path runs the output head over every position, keeps the (B, T, V)
+logits, copies them to fp32 and then ignores the prompt positions. Here the
+decoder's last hidden states are gathered at the positions whose next token is
+a label (response tokens for sft, every token for lm), and the head plus the
+cross-entropy run over chunks of those rows under activation checkpointing:
+each chunk's logits exist only while it is computed, in the forward and again
+in the backward, so the full logits never do (the idea of Liger's fused linear
+cross-entropy and of Apple's Cut Cross-Entropy, Wijmans et al., 2024).
+
+The head is called as the module it is, so LoRA on ``lm_head``, tied
+embeddings, full fine-tuning and 4-bit bases need nothing special. Models
+whose forward does more between the last hidden state and the logits than
+the head (and Gemma's final soft-capping, reproduced here) keep the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from loralab.data.encode import IGNORE
+
+# Decoders whose logits are exactly head(final hidden state), with Gemma 2/3's
+# tanh soft-cap as the only extra step.
+PLAIN_HEAD_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "phi3",
+    "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "smollm3", "starcoder2",
+})
+# Logit elements per chunk: 2^25 fp32 values = 128 MiB, e.g. 682 rows of
+# SmolLM2's 49,152-token vocabulary.
+CHUNK_ELEMENTS = 2**25
+
+
+def chunkable(model) -> bool:
+    """True if ``model`` (unwrapped) computes its logits as head(final hidden
+    state), with at most Gemma's soft-cap after it."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
+            and callable(getattr(model, "get_output_embeddings", None))
+            and model.get_output_embeddings() is not None)
+
+
+def _identity(hidden, *args, **kwargs):
+    return hidden
+
+
+@contextlib.contextmanager
+def head_bypassed(model):
+    """For the block, the model's forward returns its final hidden states where
+    the logits would be (the head and the soft-cap are skipped); yields
+    ``(head, softcap)`` to apply afterwards. Going through the model's own
+    forward keeps a DDP wrapper's gradient bookkeeping intact."""
+    head, config = model.get_output_embeddings(), model.config
+    own = head.__dict__.get("forward")  # an instance forward someone set (hooks)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    head.forward = _identity
+    if softcap:
+        config.final_logit_softcapping = None
+    try:
+        yield head, softcap
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+        if softcap:
+            config.final_logit_softcapping = softcap
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 logits to fp32 for the softmax; fp32/fp64 as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head, softcap) -> torch.Tensor:
+    logits = _upcast(head(hidden))  # (n, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def label_positions(hidden: torch.Tensor, labels: torch.Tensor):
+    """``(rows, targets)``: the hidden states (N, H) of the positions whose next
+    token is a label, and those tokens (N,). Position t predicts token t+1."""
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE  # (B, T-1)
+    return hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
+
+
+def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, softcap=None,
+                     chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions of
+    ``hidden`` (B, T, H), the head run chunk by chunk and recomputed in backward."""
+    rows, targets = label_positions(hidden, labels)
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = chunk_rows or max(1, CHUNK_ELEMENTS // int(vocab))
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, rows.shape[0], chunk):
+        part = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, rows[part], targets[part], head, softcap,
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_loss(rows[part], targets[part], head, softcap)
+    return total
+
+
+def plain_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference: full (B, T, V) logits, position t predicting token t+1."""
+    shift = _upcast(logits[:, :-1])  # (B, T-1, V)
+    return F.cross_entropy(shift.reshape(-1, shift.size(-1)), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def causal_lm_loss_sum(model, batch: dict, inner, chunk_rows: int | None = None):
+    """Summed next-token cross-entropy where ``batch["labels"]`` != IGNORE.
+
+    ``model`` is what is called (the module, or its DDP wrapper); ``inner`` the
+    bare module whose head may be bypassed, or None for the plain path (FSDP).
+    Chunked when the architecture allows."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if inner is None or not chunkable(inner):
+        return plain_loss_sum(model(**inputs).logits, batch["labels"])
+    with head_bypassed(inner) as (head, softcap):
+        hidden = model(**inputs, use_cache=False).logits  # (B, T, H): the head skipped
+    return chunked_loss_sum(hidden, batch["labels"], head, softcap, chunk_rows)
