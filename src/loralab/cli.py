@@ -57,13 +57,17 @@ def main(argv=None):
     """Run the CLI; every failure ends as one line on stderr and an exit code
     (``--debug``: the traceback instead)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if os.environ.get("LORALAB_PARENT_PID"):  # a lab run's child: it dies with the lab
+        from loralab.lab.runner import die_with_parent
+
+        die_with_parent()
     try:
         cli.main(args=argv, prog_name="loralab", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:
         if debug:
             raise
         click.echo("interrupted", err=True)
-        sys.exit(INTERRUPTED)
+        sys.exit(getattr(err, "exit_code", INTERRUPTED))
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except click.ClickException as err:

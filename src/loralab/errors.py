@@ -30,6 +30,16 @@ class LoralabError(Exception):
         super().__init__(f"{message} {hint}".strip() if hint else message)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where a handler turned it into an exception so
+    that children are stopped and temporaries removed on the way out."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"terminated by signal {signum}")
+
+
 def require(condition: bool, message: str, hint: str | None = None) -> None:
     """Raise :class:`LoralabError` unless ``condition`` holds."""
     if not condition:

@@ -3,6 +3,8 @@ and turn its exit into a status and a one-line error."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -14,7 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from loralab.errors import Terminated
 from loralab.io import atomic_write_text
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_ENV = "LORALAB_PARENT_PID"  # a child that sees it dies with that parent
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -82,17 +89,20 @@ def run_training(config_yaml: Path, run_dir: Path, log_path: Path, on_poll=None,
     ``run_dir``); ``on_poll(record)`` is called about twice a second with the
     latest log record so a progress display can follow along."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         command = train_command(config_yaml, run_dir if resume else None)
-        proc = subprocess.Popen(command, stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            while proc.poll() is None:
-                if on_poll:
-                    on_poll(latest_record(run_dir))
-                time.sleep(0.5)
+            with stop_signals_raise():
+                while proc.poll() is None:
+                    if on_poll:
+                        on_poll(latest_record(run_dir))
+                    time.sleep(0.5)
+        except Terminated:  # SIGTERM/SIGHUP: stop the run now (its checkpoint is whole)
+            _stop(proc, graceful=False)
+            raise
         except BaseException:  # Ctrl-C: let the run stop cleanly, then give up
             _stop(proc)
             raise
@@ -107,11 +117,14 @@ def run_training(config_yaml: Path, run_dir: Path, log_path: Path, on_poll=None,
     return Outcome(False, error_line(output, proc.returncode), seconds)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, graceful: bool = True) -> None:
     """Stop a run on Ctrl-C. From a terminal the child got SIGINT too; otherwise
-    send it one, then give it time to keep its last checkpoint."""
+    send it one, then give it time to keep its last checkpoint. Not graceful
+    (the lab was told to terminate): SIGTERM at once, SIGKILL after 10 s."""
     steps = ((lambda: None, 2), (lambda: proc.send_signal(signal.SIGINT), 30),
              (proc.terminate, 10), (proc.kill, None))
+    if not graceful:
+        steps = steps[2:]
     for action, timeout in steps:
         action()
         try:
@@ -119,3 +132,40 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so a killed ``compare`` leaves no training
+    child behind. Called first thing in the child (``loralab`` and the lab
+    worker, when ``LORALAB_PARENT_PID`` is set), not as a ``preexec_fn``: that
+    is unsafe in a process with threads (rich's refresh thread). A parent that
+    died before the call is seen by ``getppid``. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    if parent is None:
+        parent = int(os.environ.get(PARENT_ENV) or 0) or None
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """While a child runs, SIGTERM and SIGHUP raise :class:`Terminated` (by
+    default they would end this process at once and orphan the child)."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

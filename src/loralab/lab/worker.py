@@ -31,6 +31,9 @@ def run_generate(job: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from loralab.lab.runner import die_with_parent
+
+    die_with_parent()  # a killed compare takes its generation job with it
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     if job["kind"] == "generate":
         run_generate(job)

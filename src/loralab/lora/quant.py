@@ -8,10 +8,24 @@ head stay in full precision; LoRA adapters sit on top in the compute dtype.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from loralab.lora.base import is_4bit, is_conv1d, is_linear, replace_module
+
+
+def _drop_kernels_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes' CPU backend logs, at import, that the optional ``kernels``
+    package (a faster bf16 gemm from the Hub) is missing: a warning on every
+    QLoRA run that asks nothing of the user (loralab dequantizes to the compute
+    dtype on CPU anyway, see ``quantize_linear``). Other messages pass."""
+    return "from kernels-community" not in str(record.msg)
+
+
+# installed before anything imports bitsandbytes (it logs while importing)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_notice)
 
 NF4_BLOCKSIZE = 64  # QLoRA §3: blocksize 64 for the weights
 # bitsandbytes' second-level (double quant) blocksize is fixed at 256.
