@@ -1,0 +1,445 @@
+"""`loralab export --format gguf` on tiny models with smollm2's real BPE tokenizer:
+the file read back by transformers' GGUF loader matches the merged model, the
+Modelfile's template renders as the chat template does, bad input is refused
+in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli
+from tiny_models import randomize_adapters
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# 2 layers, hidden 64, 4 heads of 16 with 2 KV heads: GQA and the q/k permutation
+# both exercised; initializer_range 0.2 gives peaked logits (no near-ties).
+_COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "max_position_embeddings": 128, "initializer_range": 0.2}
+CONFIGS = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": False}),
+    "gemma2": ("Gemma2Config", {"query_pre_attn_scalar": 16, "hidden_activation":
+                                "gelu_pytorch_tanh"}),
+}
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a tiny model.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def small_bpe():
+    """A real byte-level BPE (GPT-2 / SmolLM2 style), trained on the built-in
+    general text to 512 ids: the full tokenizer path at a 100th of smollm2's vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from loralab.data.dataset import resolve_data_path
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw.train([resolve_data_path("general_text")], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                   pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return small_bpe()
+
+
+@pytest.fixture(scope="module")
+def smollm_tok():
+    from loralab.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+def _perturb(model, seed: int) -> None:
+    """Norms and biases off their init (ones / zeros), so Gemma's +1 and Qwen2's
+    biases are exercised by the comparison."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _snap_to_q8_0(model) -> None:
+    """Matrices moved onto the Q8_0 grid (quantize, dequantize), so a q8_0 export
+    is exact and any difference read back is a bug, not rounding: random tiny
+    models have top-1 margins of ~0.05 that q8_0's own error (~0.3 here) flips."""
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                grid = gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8)
+                p.copy_(torch.from_numpy(grid))
+
+
+def save_tiny(root: Path, arch: str, tok, seed: int = 0) -> Path:
+    import transformers
+
+    out = root / arch
+    if (out / "config.json").exists():
+        return out
+    arch, _, grid = arch.partition("-")
+    cls_name, extra = CONFIGS[arch]
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **_COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    _perturb(model, seed)
+    if grid == "q8grid":
+        _snap_to_q8_0(model)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("export-models")
+    return lambda arch: save_tiny(root, arch, tok)
+
+
+def _report(path: Path) -> dict:
+    return json.loads(Path(f"{path}.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2"])
+def test_f16_reads_back_with_equal_logits(models, arch, tmp_path, capsys):
+    out = tmp_path / f"{arch}-f16.gguf"
+    assert cli("export", "--model", models(arch), "--quant", "f16", "--output", out) == 0
+    r = _report(out)["verify"]
+    assert r["passed"] and r["top1_agreement"] == 1.0 and r["greedy_equal"]
+    # f16 weights: relative error <= 2^-11 per weight; logits here reach ~10-30
+    assert r["max_abs_logit_diff"] < 2e-2 * max(1.0, r["logit_scale"])
+    assert r["metadata_mismatches"] == []
+    printed = capsys.readouterr().out
+    assert "max |logit diff|" in printed and "perplexity on general text" in printed
+
+
+def test_adapter_export_merges_then_reads_back_equal(models, tok, tmp_path, capsys):
+    """An adapter merged (as `loralab merge` does), written at f16, read back."""
+    from transformers import AutoModelForCausalLM
+
+    from loralab.lora import LoRAConfig, inject_lora, save_adapter
+
+    base = models("llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj",
+                                                            "o_proj"], task="sft"))
+    randomize_adapters(model, std=0.2)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base),
+                 metadata={"task": "sft", "base_model": str(base)})
+    out = tmp_path / "out" / "tuned-f16.gguf"
+    out.parent.mkdir()
+    assert cli("export", "--adapter", tmp_path / "adapter", "--format", "gguf",
+               "--quant", "f16", "--output", out) == 0
+    report = _report(out)
+    assert report["verify"]["passed"] and report["verify"]["greedy_equal"]
+    assert report["source"]["merge_max_abs_diff"] < 1e-4
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "Modelfile", "tuned-f16.gguf", "tuned-f16.gguf.json"]
+    assert "merged" in capsys.readouterr().out
+
+
+def test_q8_0_reads_back_greedy_equal(models, tmp_path):
+    out = tmp_path / "m-q8_0.gguf"
+    assert cli("export", "--model", models("qwen2-q8grid"), "--quant", "q8_0",
+               "--output", out) == 0
+    report = _report(out)
+    r = report["verify"]
+    assert r["passed"] and r["greedy_equal"] and r["top1_agreement"] == 1.0
+    assert r["max_abs_logit_diff"] < 1e-3 * r["logit_scale"]  # on the grid: exact to rounding
+    assert report["tensor_types"]["Q8_0"] > 0 and report["tensor_types"]["F32"] > 0
+    assert 0 <= report["estimated_bytes"] - report["bytes"] < 0.02 * report["bytes"] + 8192
+
+
+def test_written_metadata_and_tokenizer(models, tok, tmp_path):
+    """What llama.cpp reads: arch keys, the BPE vocabulary and its special tokens."""
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    assert cli("export", "--model", models("llama"), "--quant", "q4_0", "--output", out) == 0
+    reader = gguf.GGUFReader(str(out))
+    f = {k: v.contents() for k, v in reader.fields.items()
+         if not k.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                              "tokenizer.ggml.token_type"))}
+    assert f["general.architecture"] == "llama" and f["llama.block_count"] == 2
+    assert f["llama.attention.head_count_kv"] == 2 and f["llama.rope.dimension_count"] == 16
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert f["tokenizer.chat_template"] == tok.chat_template
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == len(tok) and tokens[tok.eos_token_id] == tok.eos_token
+    assert types[tok.eos_token_id] == gguf.TokenType.CONTROL
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reads token_embd
+    assert names["token_embd.weight"] == "Q8_0" and names["blk.0.attn_q.weight"] == "Q4_0"
+    r = _report(out)["verify"]
+    assert r["criterion"].startswith("perplexity") and r["ppl_gguf"] > 0
+
+
+def test_llama_permutation_is_what_the_reader_undoes():
+    """Our q/k permutation inverted by transformers' reader gives the weights back."""
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from loralab.export.arch import permute_qk
+
+    w = torch.randn(4 * 16, 64)
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    back = proc.process(permute_qk(w, 4).numpy(), "blk.0.attn_q.weight").weights
+    np.testing.assert_array_equal(back, w.numpy())
+
+
+# -- Ollama Modelfile ---------------------------------------------------------
+
+
+def _go_render(template: str, messages: list[dict]) -> str:
+    """Evaluate the Go text/template subset the Modelfile uses: literal text,
+    range over .Messages with $last, if / else if / else / end on .Role and $last."""
+    parts = re.split(r"({{.*?}})", template)
+    out, i = [], 0
+
+    def run(start, msg, last, emit):
+        j = start
+        stack = []  # [taken_any, active]
+        while j < len(parts):
+            p = parts[j]
+            j += 1
+            if not p.startswith("{{"):
+                if emit and all(a for _, a in stack):
+                    out.append(p)
+                continue
+            act = p[2:-2].strip()
+            if act.startswith("range"):
+                end = None
+                for k, m in enumerate(messages):
+                    end = run(j, m, k == len(messages) - 1, emit and all(a for _, a in stack))
+                j = end if end is not None else _skip(j)
+            elif act.startswith("$last :="):
+                continue
+            elif act.startswith(("if ", "else if ")):
+                cond = _cond(act.removeprefix("else ").removeprefix("if "), msg, last)
+                if act.startswith("if "):
+                    stack.append([cond, cond])
+                else:
+                    taken = stack[-1][0]
+                    stack[-1] = [taken or cond, (not taken) and cond]
+            elif act == "else":
+                stack[-1] = [True, not stack[-1][0]]
+            elif act == "end":
+                if not stack:
+                    return j
+                stack.pop()
+            elif act == ".Content":
+                if emit and all(a for _, a in stack):
+                    out.append(msg["content"])
+            else:
+                raise AssertionError(f"unexpected action {act!r}")
+        return j
+
+    def _skip(j):
+        depth = 1
+        while depth:
+            act = parts[j][2:-2].strip() if parts[j].startswith("{{") else ""
+            depth += act.startswith(("if ", "range")) - (act == "end")
+            j += 1
+        return j
+
+    run(i, None, False, True)
+    return "".join(out)
+
+
+def _cond(expr: str, msg, last) -> bool:
+    if expr == "$last":
+        return last
+    if expr == "not $last":
+        return not last
+    m = re.fullmatch(r'eq \.Role "(\w+)"', expr)
+    assert m, expr
+    return msg["role"] == m.group(1)
+
+
+def _parse_modelfile(text: str) -> dict:
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.DOTALL)
+    system = re.search(r'SYSTEM """(.*?)"""', text, re.DOTALL)
+    return {"from": re.search(r"^FROM (.+)$", text, re.MULTILINE).group(1),
+            "template": template and template.group(1), "system": system and system.group(1),
+            "stop": re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE)}
+
+
+def _ollama_messages(mf: dict, conv: list[dict]) -> list[dict]:
+    if mf["system"] and conv[0]["role"] != "system":
+        return [{"role": "system", "content": mf["system"]}] + conv
+    return conv
+
+
+CHATML_CONVS = [
+    [{"role": "user", "content": "What is LoRA?"}],
+    [{"role": "system", "content": "Terse."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+]
+
+
+def test_modelfile_template_renders_like_the_chat_template(smollm_tok):
+    """SmolLM2's own ChatML template, with its default system prompt."""
+    from loralab.export.modelfile import modelfile_text
+
+    tok = smollm_tok
+    text, info = modelfile_text("m.gguf", tok)
+    mf = _parse_modelfile(text)
+    assert mf["from"] == "./m.gguf" and mf["stop"] == ["<|im_end|>"] and info["template"]
+    assert mf["system"].startswith("You are a helpful AI assistant named SmolLM")
+    for conv in CHATML_CONVS:
+        want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert _go_render(mf["template"], _ollama_messages(mf, conv)) == want
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
+    "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+
+
+def test_llama3_style_template_translates(tmp_path):
+    """A Llama-3-style template on a tokenizer with Llama 3's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loralab.export.modelfile import modelfile_text
+
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    vocab = {t: i for i, t in enumerate(specials + ["a", "b"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>", additional_special_tokens=specials)
+    fast.chat_template = LLAMA3_TEMPLATE
+    text, info = modelfile_text("m.gguf", fast)
+    mf = _parse_modelfile(text)
+    assert info["template"] and mf["stop"] == ["<|eot_id|>"] and mf["system"] is None
+    for conv in CHATML_CONVS:
+        want = fast.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert _go_render(mf["template"], conv) == want  # BOS kept: this tokenizer adds none
+
+
+def test_untranslatable_template_leaves_template_to_ollama(tok):
+    """A template that folds the system prompt into the first user turn is not
+    per-message: no TEMPLATE (Ollama then reads the GGUF's), stops still written."""
+    import copy
+
+    from loralab.export.modelfile import modelfile_text
+
+    folded = copy.deepcopy(tok)
+    folded.chat_template = (  # Mistral-style: the system text opens the first [INST]
+        "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+        "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}"
+        "{% endif %}{% for m in msgs %}{% if m['role'] == 'user' %}[INST] "
+        "{% if loop.first and sys %}{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
+    text, info = modelfile_text("m.gguf", folded)
+    assert not info["template"] and "TEMPLATE" not in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+# -- bad input: one line, exit 2, nothing written ------------------------------
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_unsupported_quant_lists_the_supported(models, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert cli("export", "--model", models("llama"), "--quant", "q4_k_m", "--output", out) == 2
+    err = _one_line_error(capsys)
+    assert "cannot quantize Q4_K" in err and "q8_0" in err and "f16" in err
+    assert cli("export", "--model", models("llama"), "--quant", "q3_z", "--output", out) == 2
+    assert "unknown type" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture_names_the_supported(tmp_path, tok, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
+                               n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    assert cli("export", "--model", tmp_path / "gpt2", "--output", tmp_path / "g.gguf") == 2
+    err = _one_line_error(capsys)
+    assert "'gpt2'" in err and "llama" in err and "qwen3" in err and "gemma2" in err
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def test_missing_output_dir_and_existing_file(models, tmp_path, capsys):
+    assert cli("export", "--model", models("llama"), "--output",
+               tmp_path / "nope" / "m.gguf") == 2
+    assert "does not exist" in _one_line_error(capsys)
+    (tmp_path / "m.gguf").write_text("keep")
+    assert cli("export", "--model", models("llama"), "--output", tmp_path / "m.gguf") == 2
+    assert "already exists" in _one_line_error(capsys)
+    assert (tmp_path / "m.gguf").read_text() == "keep"
+
+
+def test_not_enough_disk_refused_before_writing(models, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
+    assert cli("export", "--model", models("llama"), "--output", tmp_path / "m.gguf") == 2
+    err = _one_line_error(capsys)
+    assert "not enough disk" in err and "MB needed" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_that_does_not_fit_the_base(models, tok, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.lora import LoRAConfig, inject_lora, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(models("qwen3"))
+    inject_lora(model, LoRAConfig(r=2, targets=["q_proj"], task="sft"))
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(models("qwen3")),
+                 metadata={"task": "sft"})
+    other = models("llama")  # same module names, other shapes? no: llama's q is 64x64 too
+    bigger = tmp_path / "wide"
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), **{**_COMMON, "hidden_size": 32,
+                                                           "num_attention_heads": 2})
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(bigger)
+    tok.save_pretrained(bigger)
+    del other
+    capsys.readouterr()
+    assert cli("export", "--adapter", tmp_path / "adapter", "--base", bigger,
+               "--output", tmp_path / "m.gguf") == 2
+    assert "does not fit" in _one_line_error(capsys)
+    assert not (tmp_path / "m.gguf").exists()
