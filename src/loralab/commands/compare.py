@@ -27,10 +27,29 @@ def lab_options(func):
                      help="Held-out prompts answered side by side (sft)."),
         click.option("--max-new-tokens", type=int, default=64, show_default=True,
                      help="Tokens generated per answer (greedy)."),
+        click.option("--tune-lr", is_flag=True, help="First search each run's learning rate "
+                     "(its default x --lr-factors, a fraction of the steps, scored on the eval "
+                     "split), then train each at its best."),
+        click.option("--lr-factors", default=None, help="Multiples of each method's default "
+                     "learning rate tried by --tune-lr [default: 0.333,1,3]."),
+        click.option("--tune-fraction", type=float, default=None, help="Share of each run's "
+                     "steps a --tune-lr search run trains [default: 0.25]."),
         click.argument("train_args", nargs=-1, type=click.UNPROCESSED),
     ]):
         func = option(func)
     return func
+
+
+def run_plan(plan, overwrite: bool) -> list[dict]:
+    """The learning-rate search first when the plan asks for one, then the runs."""
+    from loralab.lab.execute import execute
+
+    if plan.lab.get("tune_lr"):
+        from loralab.lab.lr_search import tune
+
+        tune(plan, overwrite=overwrite)  # opens (and with --overwrite clears) the output
+        overwrite = False
+    return execute(plan, overwrite=overwrite)
 
 
 def finish(plan, rows) -> None:
@@ -53,22 +72,23 @@ def finish(plan, rows) -> None:
 
 
 @click.command("compare", context_settings=CONTEXT)
-@click.option("--methods", default=None, help="Comma-separated: full, head, lora, qlora "
+@click.option("--methods", default=None, help="Comma-separated: full, head, lora, qlora, "
+              "and the LoRA variants dora, qdora, pissa, olora, rslora, lora-plus "
               "[default: full,head,lora,qlora for classify; full,lora,qlora for sft].")
 @click.option("--ranks", default=None, help="LoRA/QLoRA ranks, comma-separated [default: 8].")
 @click.option("--output", default="runs/compare", show_default=True,
               help="Output dir: one run dir per run, results.json/.csv, report.html.")
 @lab_options
 def cmd(methods, ranks, output, model, data, task, overwrite, general_text, generations,
-        max_new_tokens, train_args):
+        max_new_tokens, tune_lr, lr_factors, tune_fraction, train_args):
     """Train the same model on the same data, split and seed by several methods,
     each in its own process, and measure them side by side. Any `loralab train`
     option (e.g. --epochs 2, --max-length 64) is passed to every run. With no
     arguments: minilm on the built-in support tickets."""
     from loralab.lab.compare import plan_compare
-    from loralab.lab.execute import execute
 
     plan = plan_compare(model=model, data=data, task=task, methods=methods, ranks=ranks,
                         train_args=train_args, output=output, general_text=general_text,
-                        generations=generations, max_new_tokens=max_new_tokens)
-    finish(plan, execute(plan, overwrite=overwrite))
+                        generations=generations, max_new_tokens=max_new_tokens,
+                        tune_lr=tune_lr, lr_factors=lr_factors, tune_fraction=tune_fraction)
+    finish(plan, run_plan(plan, overwrite))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from loralab.commands.compare import CONTEXT, finish, lab_options
+from loralab.commands.compare import CONTEXT, finish, lab_options, run_plan
 
 
 @click.command("sweep", context_settings=CONTEXT)
-@click.option("--methods", default=None, help="Swept methods: lora and/or qlora "
-              "[default: lora].")
+@click.option("--methods", default=None, help="Swept methods: lora, qlora and/or the "
+              "variants dora, qdora, pissa, olora, rslora, lora-plus [default: lora].")
 @click.option("--ranks", default=None, help="Ranks, comma-separated "
               "[default: 1,2,4,8,16,32,64].")
 @click.option("--alphas", default=None, help="Alphas: numbers or multiples of the rank "
@@ -24,15 +24,16 @@ from loralab.commands.compare import CONTEXT, finish, lab_options
               help="Output dir: one run dir per grid point, results, report.html.")
 @lab_options
 def cmd(methods, ranks, alphas, lrs, targets, baselines, output, model, data, task, overwrite,
-        general_text, generations, max_new_tokens, train_args):
+        general_text, generations, max_new_tokens, tune_lr, lr_factors, tune_fraction,
+        train_args):
     """Sweep LoRA settings on one model and data set, with full fine-tuning as
     the reference line; the report plots quality against rank and against
     trainable parameters. Any `loralab train` option is passed to every run."""
-    from loralab.lab.execute import execute
     from loralab.lab.sweep import plan_sweep
 
     plan = plan_sweep(model=model, data=data, task=task, methods=methods, ranks=ranks,
                       alphas=alphas, lrs=lrs, targets=targets, baselines=baselines,
                       train_args=train_args, output=output, general_text=general_text,
-                      generations=generations, max_new_tokens=max_new_tokens)
-    finish(plan, execute(plan, overwrite=overwrite))
+                      generations=generations, max_new_tokens=max_new_tokens,
+                      tune_lr=tune_lr, lr_factors=lr_factors, tune_fraction=tune_fraction)
+    finish(plan, run_plan(plan, overwrite))

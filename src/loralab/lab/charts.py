@@ -17,7 +17,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from loralab.lab import fmt
 from loralab.lab import results as R
 
-METHOD_COLORS = {"full": "#3b4cc0", "head": "#9a9a9a", "lora": "#e07b39", "qlora": "#2a9d8f"}
+METHOD_COLORS = {"full": "#3b4cc0", "head": "#9a9a9a", "lora": "#e07b39", "qlora": "#2a9d8f",
+                 "dora": "#b5651d", "qdora": "#1b6f66", "pissa": "#9467bd", "olora": "#c5b0d5",
+                 "rslora": "#d62728", "lora-plus": "#8c564b"}
 MEMORY_PARTS = (("weights", "#4e79a7"), ("gradients", "#f28e2b"),
                 ("optimizer", "#e15759"), ("other", "#bab0ac"))
 STYLE = {"svg.fonttype": "none", "font.size": 10, "axes.spines.top": False,
@@ -35,7 +37,9 @@ def to_svg(fig: Figure, name: str) -> str:
 
 
 def color(row: dict) -> str:
-    return METHOD_COLORS.get(R.spec_of(row).get("method"), "#666666")
+    spec = R.spec_of(row)
+    return METHOD_COLORS.get(spec.get("variant"), METHOD_COLORS.get(spec.get("method"),
+                                                                     "#666666"))
 
 
 def _hbar_figure(n: int, title: str) -> tuple[Figure, object]:
@@ -115,12 +119,12 @@ def sweep_groups(rows: list[dict], quality: R.Quality) -> dict[str, list[dict]]:
     """LoRA-family runs grouped into curves: everything but the rank fixed."""
     done = [r for r in R.ok_rows(rows) if R.spec_of(r).get("method") in ("lora", "qlora")
             and fmt.is_number(R.spec_of(r).get("rank")) and _plot_value(r, quality) is not None]
-    keys = [(R.spec_of(r)["method"], str(R.spec_of(r).get("targets")),
+    keys = [(R.spec_of(r).get("variant") or R.spec_of(r)["method"], str(R.spec_of(r).get("targets")),
              _alpha_mode(R.spec_of(r)), str(R.spec_of(r).get("lr"))) for r in done]
     varying = [len({k[i] for k in keys}) > 1 for i in range(4)]
     groups: dict[str, list[dict]] = {}
     for key, row in zip(keys, done):
-        name = [fmt.METHOD_NAMES[key[0]]]
+        name = [fmt.method_name(key[0])]
         name += [f"lr={key[3]}" if i == 3 else key[i] for i in (1, 2, 3) if varying[i]]
         groups.setdefault(" ".join(name), []).append(row)
     return {k: sorted(v, key=lambda r: R.spec_of(r)["rank"]) for k, v in groups.items()}
@@ -206,3 +210,32 @@ def forgetting_bars(rows: list[dict], names: list[str]) -> str | None:
 def safe_log_values(values: list) -> list[float]:
     """Values for a log axis: missing or non-positive become a tiny positive."""
     return [v if fmt.is_number(v) and v > 0 else math.nan for v in values]
+
+
+def lr_search_chart(name: str, entry: dict) -> str | None:
+    """One run's learning-rate search: eval metric against lr (log scale), the
+    default rate dotted, the chosen one ringed."""
+    points = [(c["lr"], c["value"]) for c in entry.get("candidates") or []
+              if fmt.is_number(c.get("lr")) and fmt.is_number(c.get("value"))]
+    if not points:
+        return None
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(3.6, 2.4), layout="constrained")
+        ax = fig.add_subplot()
+    xs, ys = zip(*sorted(points))
+    ax.plot(xs, ys, marker="o", color="#e07b39")
+    ax.axvline(entry["default_lr"], color="#9a9a9a", linestyle=":", linewidth=1.2,
+               label="default")
+    best = [(x, y) for x, y in points if x == entry.get("best_lr")]
+    if best:
+        ax.plot(*best[0], marker="o", markersize=12, markerfacecolor="none",
+                markeredgecolor="#b2182b", markeredgewidth=1.8, linestyle="none", label="chosen")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(list(xs), [f"{x:.2g}" for x in xs])
+    better = "higher" if entry.get("higher_is_better") else "lower"
+    ax.set_ylabel(f"eval {entry.get('metric')} ({better} is better)", fontsize=8)
+    ax.set_xlabel("learning rate")
+    ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
+    ax.legend(fontsize=7, frameon=False)
+    return to_svg(fig, f"lr-{name}")

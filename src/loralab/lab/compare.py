@@ -9,6 +9,8 @@ from loralab.errors import LoralabError
 from loralab.lab.plan import (
     DEFAULT_METHODS,
     LORA_FAMILY,
+    VARIANT_KEYS,
+    VARIANTS,
     Plan,
     RunSpec,
     check_general_text,
@@ -30,13 +32,14 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def compare_runs(methods: list[str], ranks: list[int]) -> list[RunSpec]:
-    """full, head once each; lora and qlora once per rank."""
+    """full, head once each; lora, qlora and the LoRA variants once per rank."""
     runs = []
     for method in methods:
+        variant = VARIANTS[method]
         if method in LORA_FAMILY:
-            runs += [RunSpec(f"{method}-r{r}", {"method": method, "rank": r}) for r in ranks]
+            runs += [RunSpec(f"{method}-r{r}", {**variant, "rank": r}) for r in ranks]
         else:
-            runs.append(RunSpec(method, {"method": method}))
+            runs.append(RunSpec(method, dict(variant)))
     return runs
 
 
@@ -62,10 +65,15 @@ def sft_settings(task: str, general_text: str | None) -> str | None:
 
 def plan_compare(*, model=None, data=None, task=None, methods=None, ranks=None,
                  train_args=(), output=DEFAULT_OUTPUT, general_text=None,
-                 generations=DEFAULT_GENERATIONS, max_new_tokens=DEFAULT_MAX_NEW_TOKENS) -> Plan:
-    """Validate everything and resolve one config per run; nothing runs yet."""
+                 generations=DEFAULT_GENERATIONS, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+                 tune_lr=False, lr_factors=None, tune_fraction=None) -> Plan:
+    """Validate everything and resolve one config per run; nothing runs yet.
+    ``tune_lr``: search each run's learning rate first (``lab.lr_search``)."""
+    from loralab.lab.lr_search import tune_settings
+
+    lab = tune_settings(tune_lr, lr_factors, tune_fraction)
     shared = shared_options(model, data, task, train_args)
-    check_passthrough(shared, ("method", "rank"), "compare")
+    check_passthrough(shared, ("method", "rank") + VARIANT_KEYS, "compare")
     chosen = parse_methods(methods, DEFAULT_METHODS.get(shared["task"], ()))
     rank_list = parse_ranks(ranks)
     gt = sft_settings(shared["task"], general_text)
@@ -80,7 +88,14 @@ def plan_compare(*, model=None, data=None, task=None, methods=None, ranks=None,
         ("--methods", ",".join(chosen)), ("--ranks", ",".join(map(str, rank_list))),
         ("--output", output), ("--general-text", general_text),
         ("--generations", generations if shared["task"] == "sft" else None),
-        ("--max-new-tokens", max_new_tokens if shared["task"] == "sft" else None)], train_args)
+        ("--max-new-tokens", max_new_tokens if shared["task"] == "sft" else None),
+        *tune_flags(tune_lr, lr_factors, tune_fraction)], train_args)
     return Plan("compare", Path(output), runs, configs, general_text=gt,
                 generations=generations if shared["task"] == "sft" else 0,
-                max_new_tokens=max_new_tokens, command=command)
+                max_new_tokens=max_new_tokens, command=command, lab=lab)
+
+
+def tune_flags(tune_lr, lr_factors, tune_fraction) -> list[tuple[str, object]]:
+    """The learning-rate search's options, for the command line that reproduces a plan."""
+    return [("--tune-lr", bool(tune_lr)), ("--lr-factors", lr_factors),
+            ("--tune-fraction", tune_fraction)]

@@ -27,7 +27,7 @@ from loralab.lab import fmt
 from loralab.lab import results as R
 from loralab.lab.environment import environment
 from loralab.lab.outdir import LAB_DIR, is_finished, open_output, save_state
-from loralab.lab.plan import LORA_FAMILY, Plan
+from loralab.lab.plan import LORA_FAMILY, Plan, variant_of
 from loralab.lab.report import write_report
 from loralab.lab.runner import resumable, run_training, write_run_yaml
 
@@ -39,7 +39,7 @@ SHOWN_SETTINGS = ("model", "data", "eval_data", "test_data", "task", "seed", "ep
 def spec_dict(plan: Plan, name: str) -> dict:
     cfg = plan.configs[name]
     lora = cfg.method in LORA_FAMILY
-    return {"method": cfg.method, "rank": cfg.rank if lora else None,
+    return {"method": cfg.method, "variant": variant_of(cfg), "rank": cfg.rank if lora else None,
             "alpha": cfg.alpha if lora else None, "lr": cfg.lr,
             "targets": cfg.targets if lora else None}
 
@@ -125,7 +125,7 @@ def report_meta(plan: Plan, env: dict, generations: list[dict]) -> dict:
     return {"title": f"loralab {plan.kind}: {model} on {data}", "model": model,
             "task": plan.task, "data": data, "created": time.strftime("%Y-%m-%d %H:%M"),
             "command": plan.command, "environment": env, "settings": settings,
-            "generations": generations}
+            "generations": generations, "lr_search": plan.lr_search}
 
 
 def write_outputs(plan: Plan, rows: list[dict], env: dict, generations: list[dict]) -> None:
@@ -134,7 +134,7 @@ def write_outputs(plan: Plan, rows: list[dict], env: dict, generations: list[dic
     atomic_write_json(plan.output / "results.json", {
         "kind": plan.kind, "fingerprint": plan.fingerprint(), "command": plan.command,
         "created": meta["created"], "environment": env, "settings": plan.shared(),
-        "runs": rows, "generations": generations})
+        "runs": rows, "generations": generations, "lr_search": plan.lr_search or None})
     atomic_write_text(plan.output / "results.csv", R.to_csv(rows))
     if generations:
         atomic_write_text(plan.output / "generations.jsonl",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import math
 
-METHOD_NAMES = {"full": "full FT", "head": "head only", "lora": "LoRA", "qlora": "QLoRA"}
+METHOD_NAMES = {"full": "full FT", "head": "head only", "lora": "LoRA", "qlora": "QLoRA",
+                "dora": "DoRA", "qdora": "QDoRA", "pissa": "PiSSA", "olora": "OLoRA",
+                "rslora": "rsLoRA", "lora-plus": "LoRA+"}
+
+
+def method_name(variant) -> str:
+    """'dora+rslora' -> 'DoRA+rsLoRA'."""
+    return "+".join(METHOD_NAMES.get(p, p) for p in str(variant).split("+"))
 
 
 def is_number(value) -> bool:

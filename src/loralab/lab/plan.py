@@ -14,11 +14,28 @@ from pathlib import Path
 
 from loralab.errors import LoralabError
 
-METHODS = ("full", "head", "lora", "qlora")
+# The lab's named methods: a training method plus the LoRA variant settings it
+# sets (peft's names, as `loralab train` takes them). PiSSA uses the exact SVD:
+# the lab's models are small, and the run's adapter-residual/ then reloads exactly.
+VARIANTS = {
+    "full": {"method": "full"},
+    "head": {"method": "head"},
+    "lora": {"method": "lora"},
+    "qlora": {"method": "qlora"},
+    "dora": {"method": "lora", "use_dora": True},  # Liu et al., 2024
+    "qdora": {"method": "qlora", "use_dora": True},  # DoRA on the NF4 base
+    "pissa": {"method": "lora", "init_lora_weights": "pissa"},  # Meng et al., 2024
+    "olora": {"method": "lora", "init_lora_weights": "olora"},  # Büyükakyüz, 2024
+    "rslora": {"method": "lora", "use_rslora": True},  # Kalajdzievski, 2023
+    "lora-plus": {"method": "lora", "lora_plus_ratio": 16.0},  # Hayou et al., 2024: ratio 16
+}
+METHODS = tuple(VARIANTS)
 DEFAULT_METHODS = {"classify": ("full", "head", "lora", "qlora"), "sft": ("full", "lora", "qlora")}
-LORA_FAMILY = ("lora", "qlora")
+# Methods with LoRA layers: run once per rank, and sweepable.
+LORA_FAMILY = tuple(m for m, v in VARIANTS.items() if v["method"] in ("lora", "qlora"))
+VARIANT_KEYS = ("use_dora", "init_lora_weights", "use_rslora", "lora_plus_ratio")
 # Settings each run sets for itself; the rest of the config is shared by all runs.
-RUN_KEYS = ("method", "rank", "alpha", "lr", "targets")
+RUN_KEYS = ("method", "rank", "alpha", "lr", "targets") + VARIANT_KEYS
 # Settings the lab owns: where runs go and how they report.
 LAB_KEYS = ("output", "overwrite", "quiet", "resume")
 
@@ -40,6 +57,8 @@ class Plan:
     max_new_tokens: int = 64
     command: str = ""
     lab: dict = field(default_factory=dict)  # lab settings that change results
+    # --tune-lr: run name -> the search that chose its learning rate (lab/lr_search.py)
+    lr_search: dict = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -70,6 +89,28 @@ class Plan:
 
     def run_fingerprint(self, name: str) -> str:
         return digest({"comparison": self.fingerprint(), "run": essential(self.run_config(name))})
+
+
+def variant_of(cfg) -> str:
+    """The lab's name for a run's method and variant settings (a TrainConfig or
+    its dict): 'dora', 'qdora', 'pissa', ...; combinations joined by '+'."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    method = get("method")
+    if method not in ("lora", "qlora"):
+        return method
+    parts = []
+    if get("use_dora"):
+        parts.append("qdora" if method == "qlora" else "dora")
+    init = str(get("init_lora_weights") or "default")
+    if init not in ("default", "true"):
+        parts.append(init.split("_niter_")[0] if init.startswith("pissa") else init)
+    if get("use_rslora"):
+        parts.append("rslora")
+    if get("lora_plus_ratio"):
+        parts.append("lora-plus")
+    if method == "qlora" and not get("use_dora"):
+        parts.insert(0, "qlora")
+    return "+".join(parts) or method
 
 
 def essential(settings: dict) -> dict:
@@ -148,7 +189,9 @@ def _number(value: str):
 def check_passthrough(options: dict, owned: tuple[str, ...], kind: str) -> None:
     """Refuse training options the lab sets per run or controls itself."""
     hints = {"method": "--methods", "rank": "--ranks", "alpha": "--alphas", "lr": "--lrs",
-             "targets": "--targets", "output": "--output", "overwrite": "--overwrite"}
+             "targets": "--targets", "output": "--output", "overwrite": "--overwrite",
+             **{k: "--methods (named variants: " + ", ".join(LORA_FAMILY) + ")"
+                for k in VARIANT_KEYS}}
     for key in options:
         if key in owned or key in LAB_KEYS:
             flag = hints.get(key)

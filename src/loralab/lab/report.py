@@ -112,7 +112,20 @@ def run_cells(row: dict, full: dict | None, quality: R.Quality) -> list[str]:
             fmt.ratio(vs.get("memory_ratio"))]
 
 
-def runs_table(rows: list[dict], names: list[str], quality: R.Quality) -> str:
+def _lr_note(row: dict, lr_search: dict) -> str:
+    """'lr 1e-03, tuned: best of 3' under a run's name (which rate the row used)."""
+    lr = R.spec_of(row).get("lr")
+    if not fmt.is_number(lr):
+        return ""
+    entry = lr_search.get(row.get("run"))
+    if not entry:
+        return f"lr {lr:.3g}"
+    tried = sum(c["value"] is not None for c in entry["candidates"])
+    return f"lr {lr:.3g}, tuned: best of {tried} (default {entry['default_lr']:.3g})"
+
+
+def runs_table(rows: list[dict], names: list[str], quality: R.Quality,
+               lr_search: dict | None = None) -> str:
     full = R.reference_row(rows)
     head = "".join(f"<th>{esc(h.format(q=quality.label))}</th>" for h in TABLE_HEAD)
     body = []
@@ -125,8 +138,10 @@ def runs_table(rows: list[dict], names: list[str], quality: R.Quality) -> str:
         tds = "".join(f"<td class='num'>{c}</td>" for c in cells) if not span else \
             f"<td{span}>{cells[0]}</td>"
         cls = " class='failed'" if status == "failed" else ""
+        lr = _lr_note(row, lr_search or {})
+        lr = f"<br><span class='small lr'>{esc(lr)}</span>" if lr else ""
         body.append(f"<tr{cls}><td>{esc(name)}<br><span class='small'>{esc(row.get('run'))}"
-                    f"</span></td><td class='status-{esc(status)}'>{esc(shown)}</td>{tds}</tr>")
+                    f"</span>{lr}</td><td class='status-{esc(status)}'>{esc(shown)}</td>{tds}</tr>")
     note = ("Quality is measured on the test split (the eval split when no test split "
             "exists). Peak memory: process peak RSS on CPU, peak allocated on CUDA; "
             "w/g/o = weights, gradients, optimizer state counted tensor by tensor, "
@@ -188,6 +203,73 @@ def sweep_section(rows: list[dict], quality: R.Quality) -> str:
             f"<p class='note'>{esc(note)}</p></section>")
 
 
+def variant_costs(rows: list[dict], names: list[str], quality: R.Quality) -> list[dict]:
+    """Each LoRA variant against plain LoRA at the same rank (QDoRA against QLoRA):
+    time, tokens/s, peak memory and trainable-parameter ratios, quality delta."""
+    done = [(r, n) for r, n in zip(rows, names) if r.get("status") in R.HAS_RESULTS]
+    plain = {(R.spec_of(r).get("method"), R.spec_of(r).get("rank")): r for r, _ in done
+             if R.spec_of(r).get("variant") in ("lora", "qlora")}
+    out = []
+    for row, name in done:
+        spec = R.spec_of(row)
+        ref = plain.get((spec.get("method"), spec.get("rank")))
+        if ref is None or ref is row or spec.get("method") not in ("lora", "qlora"):
+            continue
+        q, q_ref = R.metric_value(row, quality.key), R.metric_value(ref, quality.key)
+        mem, mem_ref = R.memory_breakdown(row), R.memory_breakdown(ref)
+        delta = q - q_ref if q is not None and q_ref is not None else None
+        out.append({"name": name, "reference": fmt.method_name(spec["method"]),
+                    "time": R._div(row.get("train_seconds"), ref.get("train_seconds")),
+                    "tokens": R._div(row.get("tokens_per_second"), ref.get("tokens_per_second")),
+                    "memory": R._div(mem and mem["peak"], mem_ref and mem_ref["peak"]),
+                    "params": R._div(row.get("trainable_params"), ref.get("trainable_params")),
+                    "delta": delta * 100 if delta is not None and quality.points else delta})
+    return out
+
+
+def _delta(value, unit: str) -> str:
+    return fmt.signed(value, 2) + unit if fmt.is_number(value) else "—"
+
+
+def variants_section(rows: list[dict], names: list[str], quality: R.Quality) -> str:
+    costs = variant_costs(rows, names, quality)
+    if not costs:
+        return ""
+    unit = " pt" if quality.points else ""
+    body = "".join(
+        f"<tr><td>{esc(c['name'])}</td><td>{esc(c['reference'])}</td>"
+        + "".join(f"<td class='num'>{fmt.ratio(c[k])}</td>"
+                  for k in ("time", "tokens", "memory", "params"))
+        + f"<td class='num'>{esc(_delta(c['delta'], unit))}</td></tr>" for c in costs)
+    head = "".join(f"<th>{h}</th>" for h in ("run", "vs", "train time", "tokens/s",
+                                             "peak memory", "trainable params",
+                                             esc(quality.label)))
+    note = ("Each variant against plain LoRA (QDoRA against QLoRA) at the same rank, same "
+            "seed and data: ratios above 1× cost more time, memory or parameters. DoRA's "
+            "extra cost is the weight norm of W + BA per step; PiSSA/OLoRA cost an SVD/QR "
+            "once at the start.")
+    return (f"<section id='variants'><h2>Variants against plain LoRA</h2><table class='variants'>"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<p class='note'>{esc(note)}</p></section>")
+
+
+def lr_search_section(lr_search: dict, rows: list[dict], names: list[str]) -> str:
+    if not lr_search:
+        return ""
+    label = {r.get("run"): n for r, n in zip(rows, names)}
+    figs = [figure(f"lr-{run}", charts.lr_search_chart(label.get(run, run), entry))
+            for run, entry in lr_search.items()]
+    first = next(iter(lr_search.values()))
+    factors = ", ".join(f"{c['factor']:.3g}" for c in first["candidates"])
+    note = (f"Before the comparison, each run was trained at a few learning rates around its "
+            f"default (x {factors}) for a "
+            f"fraction of its steps, same seed, and scored by {first['metric']} on the eval "
+            "split; the rows above were trained at the best (marked). Published comparisons "
+            "tune the rate per method the same way (Biderman et al., 2024).")
+    return (f"<section id='lr-search'><h2>Learning-rate search</h2><p class='note'>"
+            f"{esc(note)}</p><div class='grid'>{''.join(figs)}</div></section>")
+
+
 def forgetting_section(rows: list[dict], names: list[str]) -> str:
     svg = charts.forgetting_bars(rows, names)
     if not svg:
@@ -243,7 +325,9 @@ def build_report(rows: list[dict], meta: dict) -> str:
     body = "".join([
         header(meta, rows),
         verdict_section(rows, names, quality),
-        runs_table(rows, names, quality),
+        runs_table(rows, names, quality, meta.get("lr_search")),
+        variants_section(rows, names, quality),
+        lr_search_section(meta.get("lr_search") or {}, rows, names),
         charts_section(rows, names, quality),
         sweep_section(rows, quality),
         forgetting_section(rows, names),

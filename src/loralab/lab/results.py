@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from loralab.lab import fmt
 
 HAS_RESULTS = ("ok", "skipped")
-SPEC_KEYS = ("method", "rank", "alpha", "lr", "targets")
+SPEC_KEYS = ("method", "rank", "alpha", "lr", "targets", "variant")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def run_label(row: dict, varying: set[str] | None = None) -> str:
     """'full FT', 'LoRA r=8', 'LoRA r=8 α=16 all-linear' (only what varies)."""
     spec = spec_of(row)
     method = spec.get("method") or row.get("run") or "?"
-    label = fmt.METHOD_NAMES.get(method, str(method))
+    label = fmt.method_name(spec.get("variant") or method)  # DoRA, PiSSA, ... by name
     if method not in ("lora", "qlora"):
         return label
     parts = [label]
@@ -221,7 +221,7 @@ def verdict(row: dict, full: dict | None, quality: Quality, label: str) -> str:
 
 
 CSV_FIELDS = (
-    "run", "status", "method", "rank", "alpha", "lr", "targets", "trainable_params",
+    "run", "status", "method", "variant", "rank", "alpha", "lr", "targets", "trainable_params",
     "total_params", "trainable_percent", "train_seconds", "tokens_per_second", "peak_bytes",
     "weights_bytes", "gradients_bytes", "optimizer_bytes", "other_bytes", "artifact_bytes",
     "quality_metric", "quality", "accuracy", "f1", "eval_loss", "perplexity",

@@ -17,9 +17,12 @@ from loralab.lab.compare import (
     DEFAULT_MAX_NEW_TOKENS,
     sft_settings,
     shared_options,
+    tune_flags,
 )
 from loralab.lab.plan import (
     LORA_FAMILY,
+    VARIANT_KEYS,
+    VARIANTS,
     Plan,
     RunSpec,
     check_passthrough,
@@ -85,7 +88,7 @@ def grid_runs(methods, ranks, alphas, lrs, targets) -> list[RunSpec]:
     for method, target, alpha, lr, rank in itertools.product(methods, targets, alphas, lrs,
                                                              ranks):
         a = alpha_value(alpha, rank)
-        overrides = {"method": method, "rank": rank, "alpha": a, "targets": target}
+        overrides = {**VARIANTS[method], "rank": rank, "alpha": a, "targets": target}
         name = f"{method}-r{rank}-a{a:g}-{safe(target)}"
         if lr is not None:
             overrides["lr"] = lr
@@ -109,14 +112,24 @@ def parse_baselines(text: str | None, task: str) -> list[str]:
 def plan_sweep(*, model=None, data=None, task=None, methods=None, ranks=None, alphas=None,
                lrs=None, targets=None, baselines=None, train_args=(), output=DEFAULT_OUTPUT,
                general_text=None, generations=DEFAULT_GENERATIONS,
-               max_new_tokens=DEFAULT_MAX_NEW_TOKENS) -> Plan:
+               max_new_tokens=DEFAULT_MAX_NEW_TOKENS, tune_lr=False, lr_factors=None,
+               tune_fraction=None) -> Plan:
     """Validate the grid and resolve one config per run; nothing runs yet."""
+    from loralab.lab.lr_search import tune_settings
+
+    lab = tune_settings(tune_lr, lr_factors, tune_fraction)
+    if tune_lr and lrs:
+        raise LoralabError("--tune-lr searches each run's learning rate; --lrs fixes them. "
+                           "Pass one of the two.")
     shared = shared_options(model, data, task, train_args)
-    check_passthrough(shared, ("method", "rank", "alpha", "lr", "targets"), "sweep")
+    check_passthrough(shared, ("method", "rank", "alpha", "lr", "targets") + VARIANT_KEYS,
+                      "sweep")
     swept = parse_methods(methods, ("lora",))
     if any(m not in LORA_FAMILY for m in swept):
-        raise LoralabError("sweep varies LoRA settings: --methods takes lora and/or qlora. "
-                           "Full fine-tuning and head-only are --baselines.")
+        others = ", ".join(m for m in LORA_FAMILY if m not in ("lora", "qlora"))
+        raise LoralabError(f"sweep varies LoRA settings: --methods takes lora and/or qlora, or "
+                           f"the variants {others}. Full fine-tuning and head-only are "
+                           "--baselines.")
     rank_list = parse_ranks(ranks, DEFAULT_RANKS)
     alpha_list, lr_list = parse_alphas(alphas), parse_lrs(lrs)
     target_list = split_list(targets) or ["attention"]
@@ -135,7 +148,8 @@ def plan_sweep(*, model=None, data=None, task=None, methods=None, ranks=None, al
         ("--targets", ",".join(target_list)), ("--baselines", ",".join(base) or "none"),
         ("--output", output), ("--general-text", general_text),
         ("--generations", generations if sft else None),
-        ("--max-new-tokens", max_new_tokens if sft else None)], train_args)
+        ("--max-new-tokens", max_new_tokens if sft else None),
+        *tune_flags(tune_lr, lr_factors, tune_fraction)], train_args)
     return Plan("sweep", Path(output), runs, configs, general_text=gt,
                 generations=generations if sft else 0, max_new_tokens=max_new_tokens,
-                command=command)
+                command=command, lab=lab)
