@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The one prepared command for a lent GPU: bitsandbytes from the carried wheel,
+# bench/gpu.py under a wall-clock cap, then the GPU tests; everything under $OUT.
+#
+#   here, once:   bash bench/gpu_prepare.sh          (fills .whl/: wheel + alpaca)
+#   on the GPU:   bash bench/gpu_run.sh              (carry: .whl)
+#
+# Budget (a lease is 15 min of device time in all, 10 min a command, the start
+# included): the benchmark starts no row after BENCH_LIMIT s and is killed at
+# BENCH_CAP s, the tests at TEST_CAP s, so one run ends within ~6.5 min and a
+# rerun still fits. Works without the repo's .venv (the machine's python3 with
+# torch, transformers, peft, accelerate; loralab from src/ via PYTHONPATH).
+# GPU_RUN_DRY=1 runs the same script on a CPU (bench --dry-run; GPU tests skip).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/out/gpu}
+mkdir -p "$OUT"
+DRY=${GPU_RUN_DRY:-0}
+BENCH_LIMIT=${BENCH_LIMIT:-240}
+BENCH_CAP=${BENCH_CAP:-300}
+TEST_CAP=${TEST_CAP:-120}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then
+  PY=$ROOT/.venv/bin/python
+else
+  PY=python3
+fi
+SITE=/tmp/loralab-site
+PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/*.whl && PYTHONPATH=$PYTHONPATH:$SITE
+  else
+    echo "gpu_run: no bitsandbytes and no wheel in .whl/ (bash bench/gpu_prepare.sh, carry .whl):" \
+         "the QLoRA rows and tests will fail" | tee -a "$OUT/env.txt"
+  fi
+fi
+export PYTHONPATH
+
+{
+  echo "python: $PY ($("$PY" --version 2>&1))"
+  nvidia-smi 2>&1 | head -20 || true
+  "$PY" - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+for name in ("transformers", "peft", "accelerate", "bitsandbytes", "trl", "loralab"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
+    except Exception as err:  # noqa: BLE001
+        print(name, "not importable:", type(err).__name__, err)
+EOF
+} >>"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+BENCH_ARGS=(--out "$OUT" --time-limit "$BENCH_LIMIT")
+TEST_ARGS=(-m gpu)
+if [ "$DRY" = 1 ]; then
+  BENCH_ARGS+=(--dry-run)
+  TEST_ARGS+=(tests/test_gpu.py)  # the dry run proves the wiring; collection of all is the lead's
+else
+  TEST_ARGS+=(tests --continue-on-collection-errors)
+fi
+
+echo "== bench/gpu.py ${BENCH_ARGS[*]} (cap ${BENCH_CAP}s)"
+timeout -k 15 "$BENCH_CAP" "$PY" bench/gpu.py "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "== pytest ${TEST_ARGS[*]} (cap ${TEST_CAP}s)"
+timeout -k 15 "$TEST_CAP" "$PY" -m pytest "${TEST_ARGS[@]}" -q -rs -p no:cacheprovider \
+  2>&1 | tee "$OUT/gpu_tests.log"
+test_rc=${PIPESTATUS[0]}
+
+echo "gpu_run: bench exit $bench_rc, tests exit $test_rc (124: hit its cap); files in $OUT"
+[ "$bench_rc" = 0 ] && [ "$test_rc" = 0 ]
