@@ -15,38 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import free_port, load_average, loralab_cmd, machine, run_job
 
 
 def train(out: Path, nproc: int, threads: int, batch: int, steps: int) -> dict:
     args = ["train", "--model", "minilm", "--data", "tickets", "--method", "lora",
             "--max-steps", str(steps), "--batch-size", str(batch), "--output", str(out),
             "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if nproc == 1:
-        cmd = [sys.executable, "-m", "loralab", *args]
+        cmd = loralab_cmd(*args)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m",
                "loralab", *args]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+    job = run_job(cmd, env={"OMP_NUM_THREADS": str(threads)}).check()
     m = json.loads((out / "metrics.json").read_text())
-    return {"processes": nproc, "threads_per_process": threads, "batch_per_process": batch, "global_batch": m["global_batch_size"],
-            "steps": m["steps"], "wall_seconds": round(wall, 1),
+    return {"processes": nproc, "threads_per_process": threads, "batch_per_process": batch,
+            "global_batch": m["global_batch_size"],
+            "steps": m["steps"], "wall_seconds": round(job.seconds, 1),
             "train_seconds": round(m["train_seconds"], 1),
             "tokens_per_second": round(m["tokens_per_second"]),
             "eval_f1": round(m["eval"]["f1"], 4)}
@@ -57,15 +48,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16, help="global batch per optimizer step")
     args = ap.parse_args()
-    load = os.getloadavg()[0]
+    load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         cores = os.cpu_count() or 2
         rows = [train(Path(tmp) / "a", 1, 1, args.batch, args.steps),
                 train(Path(tmp) / "b", 1, cores, args.batch, args.steps),
                 train(Path(tmp) / "c", 2, 1, args.batch // 2, args.steps)]
     best_single = max(rows[:2], key=lambda r: r["tokens_per_second"])
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, "
-                                 f"{os.cpu_count()} cores",
+    print(json.dumps({"machine": machine(),
                       "date": time.strftime("%Y-%m-%d"), "load_average_1min_before": load,
                       "runs": rows,
                       "tokens_per_second_2_processes_over_best_single": round(

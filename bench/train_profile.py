@@ -14,12 +14,10 @@ import argparse
 import csv
 import json
 import time
-from pathlib import Path
 
 import torch
+from _common import dataset, load_average, machine
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / ".." / "shared" / "datasets" / "sms_spam" / "bench" / "train.tsv"
 KINDS = {  # operator name fragments -> kind
     "dropout masks": ("bernoulli", "dropout"),
     "matmul": ("mm", "addmm", "bmm", "linear", "matmul"),
@@ -29,7 +27,7 @@ KINDS = {  # operator name fragments -> kind
 
 
 def texts(n: int) -> list[str]:
-    with open(TRAIN, encoding="utf-8") as fh:
+    with open(dataset("sms_spam", "bench", "train.tsv"), encoding="utf-8") as fh:
         rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
     return [r[1] for r in rows[:n]]
 
@@ -102,6 +100,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
+    print(json.dumps({"machine": machine(), "load_average_before": load_average(),
+                      "date": time.strftime("%Y-%m-%d")}))
     runs = [profile("full", True, args.steps), profile("lora", True, args.steps),
             profile("lora", True, args.steps, dropout=0.0),
             profile("lora", True, args.steps, targets=("query", "value")),

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ALPACA = ROOT / ".." / "shared" / "datasets" / "alpaca" / "alpaca_data_first2000.json"
+from _common import DATASETS, dataset, load_average, machine, run_job
+
+ALPACA = DATASETS / "alpaca" / "alpaca_data_first2000.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -97,14 +97,13 @@ def trl_job(steps: int, batch: int, n: int) -> dict:
             "train_seconds": seconds, "steps": trainer.state.global_step}
 
 
-def run_job(kind: str, args) -> dict:
+def side(kind: str, args) -> dict:
+    """One side's measurement, in its own process."""
     cmd = [sys.executable, __file__, "--job", kind, "--steps", str(args.steps),
            "--batch", str(args.batch), "--records", str(args.records)]
     cmd += ["--fill"] if args.fill else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    job = run_job(cmd)
+    return job.last_json() if job.returncode == 0 else {"error": job.error_line()}
 
 
 def main() -> None:
@@ -125,23 +124,23 @@ def main() -> None:
                                          plain_loss=args.job == "loralab-plain",
                                          fill=args.fill)))
         return
-    if not ALPACA.is_file():
-        raise SystemExit(f"{ALPACA} not found: this benchmark needs ../shared/datasets")
+    dataset("alpaca", ALPACA.name)
     if args.loss_ab:
-        plain, chunked = run_job("loralab-plain", args), run_job("loralab", args)
+        plain, chunked = side("loralab-plain", args), side("loralab", args)
         report = {"date": time.strftime("%Y-%m-%d"), "plain": plain, "chunked": chunked,
                   "command": " ".join([Path(sys.executable).name] + sys.argv)}
         if "peak_rss_bytes" in plain and "peak_rss_bytes" in chunked:
             report["peak_ratio"] = chunked["peak_rss_bytes"] / plain["peak_rss_bytes"]
         print(json.dumps(report, indent=2))
         return
-    ours = run_job("loralab", args)
+    ours = side("loralab", args)
     try:
         import trl  # noqa: F401
-        theirs = run_job("trl", args)
+        theirs = side("trl", args)
     except ImportError:
         theirs = {"error": "trl is not installed (pip install trl)"}
-    report = {"date": time.strftime("%Y-%m-%d"), "loralab": ours, "trl": theirs,
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "load_average_after": load_average(), "loralab": ours, "trl": theirs,
               "command": " ".join([Path(sys.executable).name] + sys.argv)}
     if "tokens_per_second" in theirs:
         report["ratio"] = ours["tokens_per_second"] / theirs["tokens_per_second"]

@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "datasets" / "sms_spam" / "bench"
+from _common import DATASETS, dataset, load_average, machine, run_job
+
+DATA = DATASETS / "sms_spam" / "bench"
 LR = {"lora": 3e-4, "full": 3e-5}
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -124,32 +122,17 @@ def loralab_job(method: str, epochs: float, seed: int, batch: int, accum: int) -
 
 # ---- driver ----------------------------------------------------------------
 
-def run_job(kind: str, method: str, epochs: float, seed: int, batch: int, accum: int) -> dict:
+def side(kind: str, method: str, epochs: float, seed: int, batch: int, accum: int) -> dict:
+    """One side's measurement, in its own process (its own peak memory)."""
     cmd = [sys.executable, __file__, "--job", kind, "--methods", method, "--epochs", str(epochs),
            "--seed", str(seed), "--batch", str(batch), "--accum", str(accum)]
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} {method} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_seconds"] = wall
+    load_before = load_average()
+    job = run_job(cmd).check()
+    result = job.last_json()
+    result["process_seconds"] = job.seconds
     # the machine is shared: the 1-minute load average shows how busy it was
-    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    result["load_average"] = [load_before, load_average()]
     return result
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM"
 
 
 def main() -> None:
@@ -169,13 +152,12 @@ def main() -> None:
         extra = () if args.job == "recipe" else (args.batch, args.accum)
         print(json.dumps(fn(args.methods, args.epochs, args.seed, *extra)))
         return
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/datasets")
+    dataset("sms_spam", "bench")
     rows, summary = [], {}
     for method in args.methods.split(","):
         for _ in range(args.repeats):  # pairs back to back: the VM's speed drifts
-            recipe = run_job("recipe", method, args.epochs, args.seed, 4, 4)
-            ours = run_job("loralab", method, args.epochs, args.seed, args.batch, args.accum)
+            recipe = side("recipe", method, args.epochs, args.seed, 4, 4)
+            ours = side("loralab", method, args.epochs, args.seed, args.batch, args.accum)
             row = {"method": method, "recipe": recipe, "loralab": ours,
                    "speedup": recipe["train_seconds"] / ours["train_seconds"],
                    "f1_delta_points": 100 * (ours["test_f1"] - recipe["test_f1"])}

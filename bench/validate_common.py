@@ -1,41 +1,29 @@
 """Helpers shared by the comparison lab's validation scripts (bench/validate_*.py):
-locating ../shared/datasets, running `loralab compare`, and printing the
-results as a Markdown table for BENCHMARKS.md."""
+running `loralab compare` and printing the results as a Markdown table for
+BENCHMARKS.md (the datasets path and the job runner: ``_common``)."""
 
 from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import loralab_cmd, run_job
 
 from loralab.lab import fmt
 from loralab.lab import results as R
 from loralab.lab.environment import environment
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT / ".." / "shared" / "datasets"
-
-
-
-def need_datasets() -> Path:
-    if not DATASETS.is_dir():
-        sys.exit(f"{DATASETS} not found: these validations need ../shared/datasets.")
-    return DATASETS.resolve()
-
 
 def run_compare(args: list[str]) -> float:
     """Run `loralab compare` as a user would; return its wall time in seconds."""
-    cmd = [sys.executable, "-m", "loralab", "compare", *args]
-    print("$ loralab compare " + " ".join(args), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, check=False)
-    seconds = time.perf_counter() - start
-    if proc.returncode not in (0, 1):  # 1: a run failed, still a result row
-        sys.exit(f"loralab compare exited with {proc.returncode}")
-    return seconds
+    print("$ loralab compare " + " ".join(map(str, args)), flush=True)
+    job = run_job(loralab_cmd("compare", *args), capture=False)
+    if job.returncode not in (0, 1):  # 1: a run failed, still a result row
+        sys.exit(f"loralab compare exited with {job.returncode}")
+    return job.seconds
 
 
 def markdown(rows: list[dict]) -> str:

@@ -13,7 +13,8 @@ import json
 import random
 from pathlib import Path
 
-from validate_common import need_datasets, run_compare, summary
+from _common import dataset
+from validate_common import run_compare, summary
 
 
 def main() -> None:
@@ -26,14 +27,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/validate-forgetting")
     ap.add_argument("extra", nargs="*", help="more `loralab train` options")
     args = ap.parse_args()
-    datasets = need_datasets()
-    records = json.loads((datasets / "alpaca" / "alpaca_data_first2000.json").read_text())
+    records = json.loads(dataset("alpaca", "alpaca_data_first2000.json").read_text())
     sample = random.Random(args.seed).sample(records, args.records)
     data = Path(args.out + "-data") / "alpaca.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample),
                     encoding="utf-8")
-    general = datasets / "wikitext2" / "wiki.test.raw"
+    general = dataset("wikitext2", "wiki.test.raw")
     wall = run_compare(["--model", "smollm2-135m", "--data", str(data), "--methods",
                         args.methods, "--general-text", str(general), "--epochs", args.epochs,
                         "--max-length", args.max_length, "--generations", "4",

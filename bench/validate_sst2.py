@@ -15,7 +15,8 @@ import argparse
 import random
 from pathlib import Path
 
-from validate_common import need_datasets, run_compare, summary
+from _common import dataset
+from validate_common import run_compare, summary
 
 
 def read_sst2(path: Path) -> list[tuple[str, str]]:
@@ -52,7 +53,7 @@ def main() -> None:
                     help="also run full fine-tuning at this learning rate (in OUT-full-lrX)")
     ap.add_argument("extra", nargs="*", help="more `loralab train` options, e.g. lr=5e-4")
     args = ap.parse_args()
-    sst2 = need_datasets() / "sst2"
+    sst2 = dataset("sst2")
     rng = random.Random(args.seed)
     data = Path(args.out + "-data")
     train = write_tsv(data / "train.tsv", rng.sample(read_sst2(sst2 / "train.tsv"), args.rows))
