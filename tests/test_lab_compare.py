@@ -8,30 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lab_fixtures as F
 import pytest
-
-from loralab.cli import main
+from conftest import cli, wait_for
+from train_support import tiny_bert_dir, tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
-    return {"bert": F.tiny_bert_dir(root), "llama": F.tiny_llama_dir(root),
+    return {"bert": tiny_bert_dir(root), "llama": tiny_llama_dir(root, hidden=32, context=256),
             "csv": F.tiny_classify_csv(root / "tickets.csv"),
             "instructions": F.tiny_instructions(root / "instructions.jsonl"),
             "general": F.general_text(root / "general.txt")}
-
-
-def lab(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
 def one_error_line(capsys) -> str:
@@ -55,7 +46,7 @@ def one_error_line(capsys) -> str:
 ])
 def test_compare_refuses_bad_options(tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    assert lab("compare", "--output", out, *args) == 2
+    assert cli("compare", "--output", out, *args) == 2
     assert message in one_error_line(capsys)
     assert not out.exists()
 
@@ -67,12 +58,12 @@ def test_compare_refuses_bad_general_text(tiny, tmp_path, capsys):
     short.write_text("just a few words")
     for path, message in ((empty, "is empty"), (binary, "not UTF-8 text"),
                           (short, "too few to measure"), (tmp_path / "nope.txt", "not found")):
-        code = lab("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
+        code = cli("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
                    "--general-text", path, "--output", tmp_path / "out")
         assert code == 2
         assert message in one_error_line(capsys)
     (tmp_path / "nul.txt").write_bytes(b"words " * 100 + b"\x00" * 50)
-    assert lab("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
+    assert cli("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
                "--general-text", tmp_path / "nul.txt", "--output", tmp_path / "out") == 2
     assert "looks binary" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
@@ -88,7 +79,7 @@ def test_compare_refuses_bad_general_text(tiny, tmp_path, capsys):
     (["--targets", "x", "--lr", "1e-4"], "Use sweep's --lrs"),
 ])
 def test_sweep_refuses_bad_options(tmp_path, capsys, args, message):
-    assert lab("sweep", "--output", tmp_path / "out", *args) == 2
+    assert cli("sweep", "--output", tmp_path / "out", *args) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
@@ -98,7 +89,7 @@ def test_output_dir_with_other_files_is_never_touched(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     for extra in ([], ["--overwrite"]):
-        assert lab("compare", "--output", out, *extra) == 2
+        assert cli("compare", "--output", out, *extra) == 2
         assert "not a loralab comparison" in one_error_line(capsys)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
@@ -125,7 +116,7 @@ def test_compare_end_to_end_with_a_failed_run_rerun_and_refusal(tiny, tmp_path, 
     args = ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--methods",
             "full,head,lora", "--ranks", "2", "--targets", "no_such_layer", "--output", out,
             *FAST]
-    assert lab(*args) == 1  # a run failed; the comparison itself finished
+    assert cli(*args) == 1  # a run failed; the comparison itself finished
     rows = results(out)
     assert [(r["run"], r["status"]) for r in rows] == [("full", "ok"), ("head", "ok"),
                                                         ("lora-r2", "failed")]
@@ -145,9 +136,9 @@ def test_compare_end_to_end_with_a_failed_run_rerun_and_refusal(tiny, tmp_path, 
 
     before = mtimes(out, ["full", "head"])
     log = out / "logs" / "lora-r2.log"
-    first = log.stat().st_mtime_ns
-    time.sleep(0.01)
-    assert lab(*args) == 1  # same command: finished runs kept, the failed one redone
+    first = log.stat().st_mtime_ns - 10**9  # back-dated: a rewrite must move it forward
+    os.utime(log, ns=(first, first))
+    assert cli(*args) == 1  # same command: finished runs kept, the failed one redone
     assert [r["status"] for r in results(out)] == ["skipped", "skipped", "failed"]
     assert mtimes(out, ["full", "head"]) == before
     assert log.stat().st_mtime_ns > first
@@ -155,7 +146,7 @@ def test_compare_end_to_end_with_a_failed_run_rerun_and_refusal(tiny, tmp_path, 
 
     saved = (out / "results.json").read_bytes()
     other = [a if a != "1" else "2" for a in map(str, args)]  # --epochs 2
-    assert lab(*other) == 2
+    assert cli(*other) == 2
     assert "holds a different comparison (differs in epochs)" in one_error_line(capsys)
     assert (out / "results.json").read_bytes() == saved
     assert mtimes(out, ["full", "head"]) == before
@@ -172,19 +163,20 @@ def test_interrupted_compare_keeps_finished_runs_and_resumes(tiny, tmp_path, cap
                             start_new_session=True)
     state = out / ".lab" / "lab.json"
     checkpoint = out / "lora-r2" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+
+    def head_done_and_lora_checkpointed() -> bool:
         runs = json.loads(state.read_text())["runs"] if state.exists() else {}
-        if runs.get("head", {}).get("status") == "ok" and checkpoint.exists():
-            break
-        time.sleep(0.1)
+        return runs.get("head", {}).get("status") == "ok" and checkpoint.exists()
+
+    wait_for(lambda: proc.poll() is not None or head_done_and_lora_checkpointed(), 300,
+             "head to finish and lora-r2 to checkpoint")
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     assert proc.wait(timeout=120) == 130
     head_metrics = (out / "head" / "metrics.json").read_bytes()
     assert [r["run"] for r in results(out)] == ["head"]  # what finished is reported
     assert not (out / "lora-r2" / "metrics.json").exists()
-    assert lab(*args) == 0
+    assert cli(*args) == 0
     assert "resuming lora-r2 from its last checkpoint" in capsys.readouterr().out
     rows = results(out)
     assert [(r["run"], r["status"]) for r in rows] == [("head", "skipped"), ("lora-r2", "ok")]
@@ -196,7 +188,7 @@ def test_interrupted_compare_keeps_finished_runs_and_resumes(tiny, tmp_path, cap
 @pytest.mark.slow
 def test_sft_compare_measures_forgetting_and_generates_side_by_side(tiny, tmp_path):
     out = tmp_path / "sft"
-    assert lab("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
+    assert cli("compare", "--model", tiny["llama"], "--data", tiny["instructions"],
                "--methods", "full,lora", "--ranks", "2", "--general-text", tiny["general"],
                "--generations", "2", "--max-new-tokens", "6", "--output", out,
                "--epochs", "1", "--max-length", "64", "--batch-size", "8") == 0
@@ -220,7 +212,7 @@ def test_sft_compare_measures_forgetting_and_generates_side_by_side(tiny, tmp_pa
 @pytest.mark.slow
 def test_sweep_over_ranks_plots_quality_against_rank(tiny, tmp_path):
     out = tmp_path / "sweep"
-    assert lab("sweep", "--model", tiny["bert"], "--data", tiny["csv"], "--ranks", "1,2",
+    assert cli("sweep", "--model", tiny["bert"], "--data", tiny["csv"], "--ranks", "1,2",
                "--baselines", "none", "--output", out, *FAST) == 0
     rows = results(out)
     assert [r["run"] for r in rows] == ["lora-r1-a2-attention", "lora-r2-a4-attention"]

@@ -1,69 +1,38 @@
 """`loralab merge` and `loralab targets` end to end on tiny models."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 from peft import LoraConfig, get_peft_model
 from tiny_models import BUILDERS, randomize_adapters
+from train_support import minilm_tokenizer, tiny_llama_dir
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from loralab.cli import main
 from loralab.lora import LoRAConfig, inject_lora, save_adapter
 from loralab.lora.quant import quantize_model_4bit
-from loralab.models import resolve_model
-
-MINILM_TOKENIZER = ["tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                    "special_tokens_map.json"]
-
-
-def _tokenizer_dir():
-    return Path(resolve_model("minilm"))
-
-
-def _save_base(model, path):
-    model.save_pretrained(path)
-    for f in MINILM_TOKENIZER:
-        shutil.copy(_tokenizer_dir() / f, path / f)
-    return path
-
-
-def _run(args):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    return exc.value.code
 
 
 @pytest.fixture
-def tiny_llama_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, pad_token_id=0)
-    return _save_base(LlamaForCausalLM(cfg), tmp_path / "base")
+def llama_dir(tmp_path):
+    return tiny_llama_dir(tmp_path, name="base", context=128)
 
 
-def test_peft_adapter_merges_to_match_peft_merge(tiny_llama_dir, tmp_path, capsys):
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+def test_peft_adapter_merges_to_match_peft_merge(llama_dir, tmp_path, capsys):
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
     peft_model = get_peft_model(base, LoraConfig(
         task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
         init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     cfg_path = tmp_path / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(tiny_llama_dir)
+    cfg["base_model_name_or_path"] = str(llama_dir)
     cfg_path.write_text(json.dumps(cfg))
     peft_merged = peft_model.merge_and_unload().eval()
     main_args = ["merge", "--adapter", str(tmp_path / "adapter"), "--output",
                  str(tmp_path / "merged")]
-    try:
-        main(main_args)
-    except SystemExit as exc:
-        assert exc.code in (0, None)
+    assert cli(*main_args) == 0
     out = capsys.readouterr().out
     assert "max |logit(merged) - logit(adapter)|" in out
     assert float(out.split("= ")[1].split()[0]) < 1e-4
@@ -74,7 +43,7 @@ def test_peft_adapter_merges_to_match_peft_merge(tiny_llama_dir, tmp_path, capsy
         diff = (merged(ids).logits - peft_merged(ids).logits).abs().max()
     assert diff <= 1e-5
     assert not any("lora" in k for k in merged.state_dict())
-    assert _run(main_args) == 2  # refuses to overwrite
+    assert cli(*main_args) == 2  # refuses to overwrite
 
 
 def test_classifier_adapter_merges_with_head(tmp_path):
@@ -83,17 +52,15 @@ def test_classifier_adapter_merges_with_head(tmp_path):
     tiny = BUILDERS["bert"](num_labels=2)
     cfg = tiny.config
     cfg.vocab_size = 30522
-    base_dir = _save_base(BertForSequenceClassification(cfg), tmp_path / "base")
+    base_dir = minilm_tokenizer(tmp_path / "base")
+    BertForSequenceClassification(cfg).save_pretrained(base_dir)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir)
     inject_lora(model, LoRAConfig(r=4, alpha=8, task="classify"))
     randomize_adapters(model)
     save_adapter(model, tmp_path / "run" / "adapter", base_model_name_or_path=str(base_dir))
     (tmp_path / "run" / "labels.json").write_text(json.dumps({"0": "ham", "1": "spam"}))
-    try:
-        main(["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output",
-              str(tmp_path / "merged")])
-    except SystemExit as exc:
-        assert exc.code in (0, None)
+    assert cli("merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output",
+              str(tmp_path / "merged")) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert merged.config.id2label == {0: "ham", 1: "spam"}
     ids = torch.tensor([[101, 2000, 2001, 102]])
@@ -101,19 +68,16 @@ def test_classifier_adapter_merges_with_head(tmp_path):
         assert (merged(ids).logits - model.eval()(ids).logits).abs().max() <= 1e-5
 
 
-def test_qlora_adapter_merges_into_dequantized_base(tiny_llama_dir, tmp_path, capsys):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+def test_qlora_adapter_merges_into_dequantized_base(llama_dir, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
     quantize_model_4bit(model)
     inject_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"))
     randomize_adapters(model, std=0.05)
-    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_llama_dir))
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(llama_dir))
     meta = json.loads((tmp_path / "adapter" / "loralab.json").read_text())
     assert meta["quantized"] == "nf4"
-    try:
-        main(["merge", "--adapter", str(tmp_path / "adapter"), "--output",
-              str(tmp_path / "merged")])
-    except SystemExit as exc:
-        assert exc.code in (0, None)
+    assert cli("merge", "--adapter", str(tmp_path / "adapter"), "--output",
+              str(tmp_path / "merged")) == 0
     out = capsys.readouterr().out
     assert "dequantized" in out and float(out.split("= ")[1].split()[0]) < 1e-3
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -123,18 +87,14 @@ def test_qlora_adapter_merges_into_dequantized_base(tiny_llama_dir, tmp_path, ca
 
 
 def test_bad_adapter_inputs_exit_2(tmp_path, capsys):
-    assert _run(["merge", "--adapter", str(tmp_path / "none"), "--output",
-                 str(tmp_path / "o")]) == 2
+    assert cli("merge", "--adapter", tmp_path / "none", "--output", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
 def test_targets_json(capsys):
-    try:
-        main(["targets", "--model", "minilm", "--rank", "8", "--json"])
-    except SystemExit as exc:
-        assert exc.code in (0, None)
+    assert cli("targets", "--model", "minilm", "--rank", "8", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     presets = {p["preset"]: p for p in data["presets"]}
     assert presets["attention"]["params"] == 24 * 8 * (384 + 384)

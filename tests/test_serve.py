@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from test_generate import build_adapters, build_tiny_llama_dir, run_cli
+from conftest import cli
+from train_support import build_adapters, tiny_llama_dir
 
 from loralab.errors import LoralabError
 from loralab.generation import SamplingParams, complete, load_for_generation
@@ -44,7 +45,7 @@ def _keep_torch_threads():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    model_dir = build_tiny_llama_dir(root)
+    model_dir = tiny_llama_dir(root)
     runs = root / "runs"
     adapters = build_adapters(model_dir, runs, ["a1", "a2", "a3", "late"])
     adapters.update(build_adapters(model_dir, runs, ["clf"], task="classify", labels=LABELS))
@@ -107,9 +108,8 @@ def test_completions_equal_offline_for_each_adapter_and_base(setup, offline):
 
 def test_server_equals_generate_command(setup, capsys):
     out = completion(setup["client"], "a2", PROMPTS[2])["choices"][0]["text"]
-    assert run_cli(["generate", "--model", str(setup["model"]), "--adapter",
-                    str(setup["adapters"]["a2"]), "--prompt", PROMPTS[2], "--max-tokens",
-                    "12"]) == 0
+    assert cli("generate", "--model", setup["model"], "--adapter", setup["adapters"]["a2"],
+               "--prompt", PROMPTS[2], "--max-tokens", "12") == 0
     assert capsys.readouterr().out == out + "\n"
 
 
@@ -331,7 +331,7 @@ def test_adapter_specs_and_config_errors(setup):
             parse_adapter_specs(bad)
     with pytest.raises(LoralabError):
         ServeConfig(model="m", max_batch=0)
-    assert run_cli(["serve", "--model", str(setup["model"]), "--adapter", "oops"]) == 2
+    assert cli("serve", "--model", setup["model"], "--adapter", "oops") == 2
     with pytest.raises(LoralabError, match="not a classification|no adapter_config"):
         LoraServer(ServeConfig(model=str(setup["model"]), adapters={"x": str(setup["model"])}))
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 from conftest import cli
-from test_generate import build_adapters, build_tiny_llama_dir
+from train_support import build_adapters, tiny_llama_dir
 
 from loralab.errors import LoralabError
 from loralab.serve.app import create_app
@@ -60,7 +60,7 @@ def _keep_torch_threads():
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    model_dir = build_tiny_llama_dir(root)
+    model_dir = tiny_llama_dir(root)
     runs = root / "runs"
     adapters = build_adapters(model_dir, runs, ["a1", "late"])
     config = ServeConfig(model=str(model_dir), adapters={"a1": str(adapters["a1"])},

