@@ -81,3 +81,85 @@ def randomize_adapters(model, adapter="default", seed=1, std=0.1):
             if isinstance(m, ModulesToSave) and adapter in m.modules_to_save:
                 for p in m.modules_to_save[adapter].parameters():
                     p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+# -- the architecture matrix: one tiny random model per popular architecture --
+# model_type -> (config class, config kwargs, "encoder" | "decoder"). Hidden 32,
+# one layer: the matrix checks that every command runs, not what a model learns.
+# Encoders get minilm's WordPiece tokenizer (30,522 ids), decoders smollm2's
+# GPT-2-style BPE (49,152 ids, embeddings tied): real tokenizers, small weights.
+_DEC = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+        "max_position_embeddings": 128, "tie_word_embeddings": True}
+_ENC = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 128,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+ARCHS = {
+    "bert": ("BertConfig", _ENC, "encoder"),
+    "roberta": ("RobertaConfig", _ENC, "encoder"),
+    "xlm-roberta": ("XLMRobertaConfig", _ENC, "encoder"),
+    "distilbert": ("DistilBertConfig", {"dim": 32, "hidden_dim": 64, "n_layers": 1,
+                                        "n_heads": 2, "max_position_embeddings": 128,
+                                        "dropout": 0.0, "attention_dropout": 0.0}, "encoder"),
+    "deberta-v2": ("DebertaV2Config", _ENC, "encoder"),
+    "electra": ("ElectraConfig", {**_ENC, "embedding_size": 32}, "encoder"),
+    "modernbert": ("ModernBertConfig", {"hidden_size": 32, "intermediate_size": 64,
+                                        "num_hidden_layers": 1, "num_attention_heads": 2,
+                                        "max_position_embeddings": 128,
+                                        "global_attn_every_n_layers": 1}, "encoder"),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 128,
+                            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+             "decoder"),
+    "llama": ("LlamaConfig", _DEC, "decoder"),
+    "mistral": ("MistralConfig", _DEC, "decoder"),
+    "qwen2": ("Qwen2Config", _DEC, "decoder"),
+    "qwen3": ("Qwen3Config", _DEC, "decoder"),
+    "gemma2": ("Gemma2Config", _DEC, "decoder"),
+    "gemma3_text": ("Gemma3TextConfig", _DEC, "decoder"),
+    "phi3": ("Phi3Config", _DEC, "decoder"),
+    "olmo2": ("Olmo2Config", _DEC, "decoder"),
+    "qwen3_moe": ("Qwen3MoeConfig", {**_DEC, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 16}, "decoder"),
+}
+
+
+def arch_config(arch: str, tokenizer):
+    """The tiny config of ``arch``, its vocabulary and special ids from ``tokenizer``."""
+    import transformers
+
+    cls_name, kwargs, _ = ARCHS[arch]
+    ids = {"pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.bos_token_id or tokenizer.cls_token_id,
+           "eos_token_id": tokenizer.eos_token_id or tokenizer.sep_token_id}
+    if arch == "modernbert":
+        ids.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+    return getattr(transformers, cls_name)(vocab_size=len(tokenizer), **ids, **kwargs)
+
+
+def save_arch(root, arch: str, seed: int = 0):
+    """Save a tiny random ``arch`` model + real tokenizer to ``root/arch`` (once).
+
+    Encoders are saved as the bare backbone (the commands add the head they
+    need), decoders as ``*ForCausalLM``. A decoder's tokenizer is saved without
+    a pad token, as Llama's and many others ship: loralab must fall back to EOS.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from loralab.models import load_tokenizer
+
+    out = Path(root) / arch
+    if (out / "config.json").exists():
+        return out
+    kind = ARCHS[arch][2]
+    tok = load_tokenizer("minilm" if kind == "encoder" else "smollm2-135m")
+    cfg = arch_config(arch, tok)
+    torch.manual_seed(seed)
+    model = (AutoModelForCausalLM if kind == "decoder" else AutoModel).from_config(cfg)
+    if kind == "decoder":
+        model.config.pad_token_id = None
+        tok.pad_token = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
