@@ -53,31 +53,24 @@ def make_tokenizer(kind: str, chat: bool = False):
 
 
 def make_model(kind: str, vocab_size: int, num_labels: int = 3, seed: int = 0):
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    import transformers as T
 
     torch.manual_seed(seed)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
-                         max_position_embeddings=128, pad_token_id=0, initializer_range=0.2,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        return BertForSequenceClassification(cfg)
+        cfg = T.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
+                           max_position_embeddings=128, pad_token_id=0, initializer_range=0.2,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return T.BertForSequenceClassification(cfg)
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                         bos_token_id=4, eos_token_id=4, pad_token_id=0)
-        return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, bos_token_id=4, eos_token_id=4,
-                      pad_token_id=0, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+        cfg = T.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                           bos_token_id=4, eos_token_id=4, pad_token_id=0)
+        return T.GPT2LMHeadModel(cfg)
+    cfg = T.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, bos_token_id=4, eos_token_id=4,
+                        pad_token_id=0, tie_word_embeddings=False)
+    return T.LlamaForCausalLM(cfg)
 
 
 def save_tiny(root: Path, kind: str) -> Path:
