@@ -14,15 +14,15 @@ def lab_options(func):
     """Options shared by compare and sweep."""
     for option in reversed([
         click.option("--model", default=None, help="Model: alias, local HF dir or hub id "
-                     "[default: minilm for classify, smollm2-135m for sft]."),
+                     "[default: minilm for classify, smollm2-135m for sft and lm]."),
         click.option("--data", default=None, help="Data file or built-in set "
                      "(tickets, instructions) [default: tickets]."),
-        click.option("--task", type=click.Choice(["classify", "sft"]), default=None,
+        click.option("--task", type=click.Choice(["classify", "sft", "lm"]), default=None,
                      help="Task [default: from the data]."),
         click.option("--overwrite", is_flag=True, help="Replace an output dir that holds a "
                      "different comparison."),
         click.option("--general-text", default=None, help="Plain-text file for forgetting "
-                     "(sft) [default: loralab's built-in prose]."),
+                     "(sft, lm) [default: loralab's built-in prose]."),
         click.option("--generations", type=int, default=4, show_default=True,
                      help="Held-out prompts answered side by side (sft)."),
         click.option("--max-new-tokens", type=int, default=64, show_default=True,
@@ -78,9 +78,15 @@ def finish(plan, rows) -> None:
 @click.option("--ranks", default=None, help="LoRA/QLoRA ranks, comma-separated [default: 8].")
 @click.option("--output", default="runs/compare", show_default=True,
               help="Output dir: one run dir per run, results.json/.csv, report.html.")
+@click.option("--export", "export_format", type=click.Choice(["gguf"]), default=None,
+              help="Export the best run (by the report's headline quality) to GGUF, "
+              "verified, into OUTPUT/export/ (docs/export.md).")
+@click.option("--export-quant", default="q8_0", show_default=True,
+              help="GGUF type for --export (as `loralab export --quant`).")
 @lab_options
-def cmd(methods, ranks, output, model, data, task, overwrite, general_text, generations,
-        max_new_tokens, tune_lr, lr_factors, tune_fraction, train_args):
+def cmd(methods, ranks, output, export_format, export_quant, model, data, task, overwrite,
+        general_text, generations, max_new_tokens, tune_lr, lr_factors, tune_fraction,
+        train_args):
     """Train the same model on the same data, split and seed by several methods,
     each in its own process, and measure them side by side. Any `loralab train`
     option (e.g. --epochs 2, --max-length 64) is passed to every run. With no
@@ -91,4 +97,13 @@ def cmd(methods, ranks, output, model, data, task, overwrite, general_text, gene
                         train_args=train_args, output=output, general_text=general_text,
                         generations=generations, max_new_tokens=max_new_tokens,
                         tune_lr=tune_lr, lr_factors=lr_factors, tune_fraction=tune_fraction)
-    finish(plan, run_plan(plan, overwrite))
+    if export_format:  # refused before any training when it could not be exported
+        from loralab.export.lab import check_exportable
+
+        export_quant = check_exportable(plan, export_quant)
+    rows = run_plan(plan, overwrite)
+    if export_format:
+        from loralab.export.lab import export_best, rewrite_report
+
+        rewrite_report(plan, export_best(plan.output, rows, export_quant, echo=click.echo))
+    finish(plan, rows)

@@ -31,6 +31,19 @@ PPL_TOKENS = 2048  # general-text tokens scored (blocks of PPL_BLOCK)
 PPL_BLOCK = 256
 
 
+def _reader_config(config):
+    """Mistral is written as llama.cpp's 'llama' (it has no Mistral architecture),
+    and transformers' reader maps tensor names by the config's model_type: read
+    it back as the Llama it is to llama.cpp (no sliding window, which llama.cpp's
+    llama ignores too; the check texts are far shorter than any window)."""
+    if config.model_type != "mistral":
+        return config
+    from transformers import LlamaConfig
+
+    d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "sliding_window")}
+    return LlamaConfig(**{**d, "architectures": ["LlamaForCausalLM"]})
+
+
 def read_back(path: Path, config):
     """The GGUF at ``path`` as a float32 transformers model."""
     import contextlib
@@ -46,7 +59,8 @@ def read_back(path: Path, config):
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=str(path), config=config, dtype=torch.float32)
+            str(path.parent), gguf_file=str(path), config=_reader_config(config),
+            dtype=torch.float32)
     model.hf_quantizer = None
     return model.eval()
 

@@ -296,6 +296,28 @@ def generations_section(generations: list[dict], names_by_run: dict[str, str]) -
             f"<p class='note'>{esc(note)}</p>{''.join(blocks)}</section>")
 
 
+def export_section(export: dict | None, rows: list[dict], names: list[str]) -> str:
+    """The best run as GGUF (`compare --export gguf`): size and measured quality
+    beside the run's own artifact and perplexity."""
+    if not export:
+        return ""
+    name = dict(zip((r.get("run") for r in rows), names)).get(export["run"], export["run"])
+    cells = [("run", name), ("artifact (adapter / model)", fmt.nbytes(export["artifact_bytes"])),
+             (f"GGUF {export['quant']}", fmt.nbytes(export["bytes"])),
+             ("general-text perplexity, merged", fmt.number(export["ppl_merged"])),
+             ("general-text perplexity, GGUF", (f"{fmt.number(export['ppl_gguf'])} "
+              f"({fmt.signed(export['ppl_change_pct'], 2)}%)")),
+             ("max |logit diff|", fmt.number(export["max_abs_logit_diff"])),
+             ("greedy continuations equal", export["greedy_prompts_equal"]),
+             ("check", f"{export['criterion']}: {'passed' if export['passed'] else 'FAILED'}"),
+             ("file", export["file"])]
+    trs = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in cells)
+    note = ("The file was read back with transformers' GGUF loader and compared with the "
+            "merged model (docs/export.md); an Ollama Modelfile lies beside it.")
+    return (f"<section id='export'><h2>Export (GGUF)</h2><table class='gen'>{trs}</table>"
+            f"<p class='note'>{esc(note)}</p></section>")
+
+
 def failures_section(rows: list[dict], names: list[str]) -> str:
     failed = [(n, r) for r, n in zip(rows, names) if r.get("status") == "failed"]
     if not failed:
@@ -332,6 +354,7 @@ def build_report(rows: list[dict], meta: dict) -> str:
         sweep_section(rows, quality),
         forgetting_section(rows, names),
         generations_section(meta.get("generations") or [], names_by_run),
+        export_section(meta.get("export"), rows, names),
         failures_section(rows, names),
         environment_section(meta),
     ])
