@@ -20,7 +20,8 @@ import yaml
 from loralab.errors import LoralabError
 
 METHODS = ("full", "lora", "qlora", "head")
-TASKS = ("classify", "sft")
+TASKS = ("classify", "sft", "lm")
+TRUNCATIONS = ("left", "drop")
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -58,6 +59,16 @@ class TrainConfig:
     test_data: str | None = None
     text_column: str = "text"  # a name, or a 0-based index for header-less files
     label_column: str = "label"
+    # sft field mapping; None: detected (messages, prompt/completion, Alpaca, ...)
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str | None = None
+    # sft records longer than max_length: "left" cuts the prompt's content from the
+    # left, template and response kept; "drop" cuts at max_length and skips a record
+    # left with no response token (the rule before)
+    truncation: str = "left"
+    data_split: str | None = None  # a save_to_disk DatasetDict or a hub dataset: its split
+    data_config: str | None = None  # a hub dataset's configuration name
     eval_split: float = 0.1  # 80/10/10 when no eval/test files are given
     test_split: float = 0.1
     # LoRA: r=8, alpha=2r is the common starting point (LoRA paper §7.2 shows
@@ -79,6 +90,10 @@ class TrainConfig:
     # per process; None: 16 classify, 8 sft (LM logits are B x T x vocab)
     batch_size: int | None = None
     grad_accum: int = 1
+    # padded tokens per forward/backward pass: a step's rows, sorted by length, fill
+    # micro-batches up to this budget (None: batch_size x max_length, the memory the
+    # user accepted; 0: batch_size rows per micro-batch, however short)
+    micro_batch_tokens: int | None = None
     # examples per optimizer step over all processes (batch x grad_accum x world size);
     # when set, the per-process batch is derived from it and must divide evenly
     global_batch_size: int | None = None
@@ -110,7 +125,7 @@ class TrainConfig:
     def resolve(self) -> TrainConfig:
         """Fill defaults that depend on other fields; validate; return self."""
         if self.task is None:
-            self.task = infer_task(self.data)
+            self.task = infer_task(self.data, self)
         if self.alpha is None:
             self.alpha = float(2 * self.rank)
         if self.lr is None:
@@ -124,6 +139,8 @@ class TrainConfig:
                                                 self.batch_size, world_size())
         if self.batch_size is None:
             self.batch_size = 16 if self.task == "classify" else 8
+        if self.micro_batch_tokens is None:
+            self.micro_batch_tokens = self.batch_size * self.max_length
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size * (2 if self.task == "classify" else 1)
         validate(self)
@@ -192,23 +209,15 @@ def per_process_batch(global_batch: int, grad_accum: int, batch_size: int | None
     return batch
 
 
-def infer_task(data: str) -> str:
-    """``sft`` for instruction/chat data, else ``classify``."""
+def infer_task(data: str, options=None) -> str:
+    """``sft`` for instruction/chat data, ``lm`` for plain text or ``text``-only
+    records, ``classify`` for tables with a label; ``options`` (a config or dict)
+    supplies the field names and the split. What cannot be told asks for --task."""
     if data in BUILTIN_DATA:
         return BUILTIN_DATA[data]
-    suffix = Path(data).suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        return _sniff_json_task(data)
-    return "classify"
+    from loralab.data.fields import task_from_data
 
-
-def _sniff_json_task(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return "classify"  # the data loader reports the missing file
-    return "sft" if ('"instruction"' in head or '"messages"' in head) else "classify"
+    return task_from_data(data, options)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -221,8 +230,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.method in METHODS,
            f"unknown method {cfg.method!r}. Use one of: {', '.join(METHODS)}.")
     _check(cfg.task in TASKS, f"unknown task {cfg.task!r}. Use one of: {', '.join(TASKS)}.")
-    _check(not (cfg.method == "head" and cfg.task == "sft"),
-           "method 'head' trains a classification head and does not fit task 'sft'. "
+    _check(not (cfg.method == "head" and cfg.task in ("sft", "lm")),
+           f"method 'head' trains a classification head and does not fit task {cfg.task!r}. "
            "Use --method lora, qlora or full for instruction tuning.")
     check_numbers(cfg)
     validate_variant(cfg)
@@ -236,6 +245,9 @@ def validate(cfg: TrainConfig) -> None:
                  "general_text_tokens"):
         value = getattr(cfg, name)
         _check(value >= 1, f"{name} must be >= 1 (got {value}).")
+    _check(cfg.micro_batch_tokens >= 0,
+           f"micro_batch_tokens must be >= 0 (got {cfg.micro_batch_tokens}): a token budget "
+           "per micro-batch, or 0 for batch_size rows each.")
     _check(cfg.eval_every is None or cfg.eval_every >= 1,
            f"eval_every must be >= 1 step (got {cfg.eval_every}).")
     _check(0.0 <= cfg.warmup_ratio < 1.0,
@@ -251,7 +263,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown compute_dtype {cfg.compute_dtype!r}. Use auto, float32, bfloat16 or float16.")
     valid_metrics = {"classify": ("f1", "accuracy", "precision", "recall", "loss"),
-                     "sft": ("loss", "perplexity")}[cfg.task]
+                     "sft": ("loss", "perplexity"), "lm": ("loss", "perplexity")}[cfg.task]
+    _check_data_options(cfg)
     _check(cfg.metric in valid_metrics,
            f"metric {cfg.metric!r} does not fit task {cfg.task!r}. "
            f"Use one of: {', '.join(valid_metrics)}.")
@@ -306,6 +319,24 @@ def validate_variant(cfg: TrainConfig) -> None:
                f"{cfg.lora_plus_ratio}); the LoRA+ paper uses 16.")
         _check(lora, f"lora_plus_ratio needs method lora or qlora (got {cfg.method}): it sets "
                "the learning rate of LoRA's B matrices.")
+
+
+def _check_data_options(cfg: TrainConfig) -> None:
+    """Options given to a task they do not apply to say so (not silently ignored)."""
+    _check(cfg.truncation in TRUNCATIONS,
+           f"unknown truncation {cfg.truncation!r}. Use left (cut the prompt from the left) "
+           "or drop (skip records whose prompt fills max_length).")
+    sft_only = [f for f in ("prompt_field", "response_field", "messages_field")
+                if getattr(cfg, f) is not None]
+    _check(cfg.task == "sft" or not sft_only,
+           f"--{sft_only[0].replace('_', '-') if sft_only else ''} does not apply to task "
+           f"{cfg.task!r}: it names instruction data fields (sft).")
+    table = [("--text-column", cfg.text_column != "text" and cfg.task == "sft"),
+             ("--label-column", cfg.label_column != "label" and cfg.task in ("sft", "lm"))]
+    bad = next((flag for flag, given in table if given), None)
+    _check(bad is None, f"{bad} does not apply to task {cfg.task!r}"
+           + (": sft reads prompt and response fields. Use --prompt-field/--response-field "
+              "(or --messages-field)." if cfg.task == "sft" else ": lm data has no labels."))
 
 
 # ---- building a config from YAML + key=value + options ------------------

@@ -17,19 +17,29 @@ from loralab.config import (
 
 OPTIONS = [
     ("--model", str, "Model: alias (minilm, smollm2-135m), local HF dir or hub id."),
-    ("--data", str, "Training data file, or a built-in set: tickets, instructions."),
+    ("--data", str, ("Training data: a CSV/TSV/JSON/JSONL/Parquet/.txt file, a "
+                     "save_to_disk dir, a hub dataset id, or a built-in set: tickets, "
+                     "instructions.")),
     ("--task", click.Choice(TASKS), "Task (default: from the data)."),
     ("--method", click.Choice(METHODS), "Fine-tuning method."),
     ("--output", str, "Run directory (default: runs/<model>-<task>-<method>-<time>)."),
     ("--eval-data", str, "Eval file (default: 10% of --data)."),
     ("--test-data", str, "Test file (default: 10% of --data)."),
-    ("--text-column", str, "Text column name or 0-based index (classify)."),
+    ("--text-column", str, "Text column name or 0-based index (classify, lm)."),
     ("--label-column", str, "Label column name or 0-based index (classify)."),
+    ("--prompt-field", str, "sft: the field holding the prompt (default: detected)."),
+    ("--response-field", str, "sft: the field holding the response (default: detected)."),
+    ("--messages-field", str, "sft: the field holding chat messages (default: detected)."),
+    ("--truncation", click.Choice(["left", "drop"]),
+     "sft records over --max-length: cut the prompt from the left (default) or drop them."),
+    ("--data-split", str, "Split of a save_to_disk DatasetDict or hub dataset [train]."),
+    ("--data-config", str, "Configuration of a hub dataset."),
     ("--rank", int, "LoRA rank r."),
     ("--alpha", float, "LoRA alpha (default 2 x rank)."),
     ("--targets", str, "LoRA targets: attention, all-linear, a,b,c or re:REGEX."),
-    ("--target-parameters", str, "LoRA on MoE experts' 3-D weights: experts, or "
-     "experts.gate_up_proj,experts.down_proj (peft's target_parameters)."),
+    ("--target-parameters", str, ("LoRA on MoE experts' 3-D weights: experts, or "
+                                  "experts.gate_up_proj,experts.down_proj (peft's "
+                                  "target_parameters).")),
     ("--dropout", float, "LoRA dropout."),
     ("--init-lora-weights", str, ("LoRA init, peft's names: default, gaussian, pissa, "
                                   "pissa_niter_K (fast SVD), olora.")),
@@ -38,6 +48,9 @@ OPTIONS = [
     ("--max-steps", int, "Optimizer steps (overrides --epochs)."),
     ("--batch-size", int, "Examples per micro-batch (per process)."),
     ("--grad-accum", int, "Micro-batches per optimizer step."),
+    ("--micro-batch-tokens", int, ("Padded tokens per forward/backward: a step's rows fill "
+                                   "micro-batches up to it [default: batch x max length; 0: "
+                                   "batch-size rows each].")),
     ("--global-batch-size", int, "Examples per step, all processes (batch x accum x procs)."),
     ("--lr", float, (f"Peak learning rate [default: full {DEFAULT_LR['full']:.0e}; LoRA/QLoRA "
                      f"{DEFAULT_LR_CLASSIFY['lora']:.0e} for classify, "
@@ -50,7 +63,7 @@ OPTIONS = [
     ("--eval-every", int, "Evaluate every N steps (default: each epoch)."),
     ("--metric", str, "Metric that picks the best checkpoint (f1, accuracy, loss...)."),
     ("--seed", int, "Random seed."),
-    ("--general-text", str, "Plain-text file for forgetting (sft): perplexity before/after."),
+    ("--general-text", str, "Plain-text file for forgetting (sft, lm): perplexity before/after."),
     ("--mixed-precision", click.Choice(PRECISIONS), "Autocast dtype."),
 ]
 

@@ -80,3 +80,29 @@ def count_targets(enc: Encoded, idx: list[int]) -> int:
         # causal LM: position t predicts token t+1, so the first label never counts
         return sum(sum(1 for x in enc.labels[i][1:] if x != IGNORE) for i in idx)
     return len(idx)
+
+
+def padded_width(length: int, multiple: int = 1) -> int:
+    return -(-length // multiple) * multiple
+
+
+def pack_by_tokens(rows: list[int], lengths: list[int], budget: int,
+                   multiple: int = 1) -> list[list[int]]:
+    """An optimizer step's rows as micro-batches of at most ``budget`` padded
+    tokens (rows x longest row, rounded up to ``multiple``), longest first.
+
+    A user who asks for batch x max-length tokens per micro-batch has accepted
+    that much activation memory; short rows fill it with more of the step's
+    rows, so a step takes fewer, larger forward/backward passes. Each
+    micro-batch starts at the longest row left and so holds at least
+    ``budget // max_length`` rows: never more micro-batches than fixed rows.
+    The rows, and so the step's summed loss and gradient, are the same.
+    """
+    order = sorted(rows, key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * padded_width(lengths[out[-1][0]], multiple) <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out

@@ -72,13 +72,13 @@ def head_bypassed(model):
             config.final_logit_softcapping = softcap
 
 
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
+def upcast(logits: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 logits to fp32 for the softmax; fp32/fp64 as they are."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head, softcap) -> torch.Tensor:
-    logits = _upcast(head(hidden))  # (n, V)
+    logits = upcast(head(hidden))  # (n, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets, reduction="sum")
@@ -112,7 +112,7 @@ def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, softcap=N
 
 def plain_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The reference: full (B, T, V) logits, position t predicting token t+1."""
-    shift = _upcast(logits[:, :-1])  # (B, T-1, V)
+    shift = upcast(logits[:, :-1])  # (B, T-1, V)
     return F.cross_entropy(shift.reshape(-1, shift.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 

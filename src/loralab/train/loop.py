@@ -18,13 +18,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loralab.data.batching import collate, count_targets, plan_batches, plan_steps
+from loralab.data.batching import (
+    collate,
+    count_targets,
+    pack_by_tokens,
+    padded_width,
+    plan_batches,
+    plan_steps,
+    shard,
+)
 from loralab.data.encode import Encoded
 from loralab.errors import LoralabError
 from loralab.train import checkpoint as ckpt
 from loralab.train.distributed import is_sharded, local_rows
 from loralab.train.evaluator import Evaluator
-from loralab.train.lm_loss import causal_lm_loss_sum
+from loralab.train.lm_loss import causal_lm_loss_sum, upcast
 from loralab.train.memory import gradient_bytes, optimizer_bytes
 from loralab.train.optim import make_optimizer, make_scheduler, trainable_parameters
 from loralab.train.progress import Reporter, truncate_log
@@ -48,6 +56,8 @@ class LoopState:
     # the logging window (loss sum and steps since the last log line): saved with
     # the checkpoint so a resumed run logs the same averages as an unbroken one
     window: list = field(default_factory=lambda: [0.0, 0])
+    micro_batches: int = 0  # forward/backward passes run (this rank)
+    padded_tokens: int = 0  # tokens in the padded micro-batches, all ranks
 
 
 class Loop:
@@ -76,6 +86,7 @@ class Loop:
             self.acc.unwrap_model(self.model), self.world, accelerator.device.type)]
         self.state = LoopState(world=self.world)
         self.multiple = 8 if accelerator.device.type == "cuda" else 1  # tensor-core tiles
+        self._check_budget()
         self.evaluator = Evaluator(self.model, accelerator, pad_id, cfg.eval_batch_size,
                                    label_names)
 
@@ -95,7 +106,7 @@ class Loop:
             return causal_lm_loss_sum(self.model, batch, self.inner)
         logits = self.model(input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"]).logits  # (B, C)
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
+        return F.cross_entropy(upcast(logits), labels, reduction="sum")
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
@@ -105,14 +116,16 @@ class Loop:
         """Forward/backward over the step's micro-batches; returns (loss, tokens)."""
         enc = self.train_set
         n_global = sum(count_targets(enc, idx) for idx in micro)  # same on every rank
-        loss_total = torch.zeros((), device=self.acc.device)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         tokens = 0
-        for j, idx in enumerate(micro):
+        parts = self._micro_batches(micro)
+        padded = 0
+        for j, (local, weight) in enumerate(parts):
             # weight 0: a rank left without a row still joins the gradient all-reduce
-            local, weight = local_rows(idx, self.rank, self.world)
             tokens += sum(len(enc.input_ids[i]) for i in local) if weight else 0
             batch = self._to_device(collate(enc, local, self.pad_id, self.multiple))
-            sync = j == len(micro) - 1 or self.world == 1
+            padded += batch["input_ids"].numel() if weight else 0
+            sync = j == len(parts) - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
             with ctx, self.acc.autocast():
                 loss_sum = self.loss_sum(batch) * weight
@@ -133,14 +146,50 @@ class Loop:
         if self.state.optimizer_bytes == 0:
             self.state.optimizer_bytes = optimizer_bytes(self.optimizer)
         loss_total = self.acc.reduce(loss_total, reduction="sum") if self.world > 1 else loss_total
-        tokens = self._reduce_int(tokens)
+        tokens, padded = self._reduce_ints(tokens, padded)
+        self.state.micro_batches += len(parts)
+        self.state.padded_tokens += padded
         return loss_total.item() / max(n_global, 1), tokens
 
-    def _reduce_int(self, value: int) -> int:
+    def _micro_batches(self, micro: list[list[int]]) -> list[tuple[list[int], float]]:
+        """This rank's micro-batches of one step, as (rows, loss weight).
+
+        With a token budget the rank's rows of the whole step are packed anew
+        (``pack_by_tokens``); without one, each planned micro-batch is kept.
+        DDP reduces once per step whatever the count; sharded weights (FSDP)
+        are gathered in every forward, so there every rank runs the largest
+        rank's count, the extra passes on one row with weight 0."""
+        budget = self.cfg.micro_batch_tokens
+        if not budget:
+            return [local_rows(idx, self.rank, self.world) for idx in micro]
+
+        def packed(rank: int) -> list[list[int]]:
+            own = [i for idx in micro for i in shard(idx, rank, self.world)]
+            return pack_by_tokens(own, self.train_set.lengths, budget, self.multiple)
+
+        plan = [(rows, 1.0) for rows in packed(self.rank)]
+        count = max(len(plan), 1)
+        if self.world > 1 and self.inner is None:  # sharded
+            count = max(count, *(len(packed(r)) for r in range(self.world)))
+        return plan + [(micro[0][:1], 0.0)] * (count - len(plan))
+
+    def _check_budget(self) -> None:
+        budget, lengths = self.cfg.micro_batch_tokens, self.train_set.lengths
+        longest = max(lengths, default=0)
+        width = padded_width(longest, self.multiple)
+        if budget and width > budget:
+            padded = f", padded to {width} on this device" if width != longest else ""
+            raise LoralabError(
+                f"--micro-batch-tokens {budget} is smaller than the longest training row "
+                f"({longest} tokens{padded}), which could not run at all.",
+                hint=f"Fix: raise --micro-batch-tokens to at least {width}, or lower "
+                "--max-length (or pass --micro-batch-tokens 0 for fixed rows per micro-batch).")
+
+    def _reduce_ints(self, *values: int) -> tuple[int, ...]:
         if self.world == 1:
-            return value
-        t = torch.tensor(value, device=self.acc.device)
-        return int(self.acc.reduce(t, reduction="sum").item())
+            return values
+        t = torch.tensor(values, device=self.acc.device)
+        return tuple(int(v) for v in self.acc.reduce(t, reduction="sum").tolist())
 
     def evaluate(self, enc: Encoded) -> dict:
         return self.evaluator.evaluate(enc)
@@ -202,6 +251,8 @@ class Loop:
         s.loss_curve.append([s.step, loss])
         return {"step": s.step, "epoch": round(s.step / self.steps_per_epoch, 4), "loss": loss,
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_second": tps,
+                "micro_batches_per_step": round(s.micro_batches / max(s.step, 1), 2),
+                "padded_tokens": s.padded_tokens, "train_tokens": s.train_tokens,
                 "elapsed": round(time.perf_counter() - t0, 3)}
 
     def _eval_due(self, epoch_end: bool) -> bool:

@@ -49,6 +49,9 @@ class Reporter:
             if record is not None:
                 stats = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                          f"{record['tokens_per_second']:.0f} tok/s")
+                if record.get("padded_tokens"):  # passes per step, real share of padded
+                    real = record["train_tokens"] / record["padded_tokens"]
+                    stats += f" {record['micro_batches_per_step']:g} mb/step {real:.0%} real"
                 self.bar.update(self.task, completed=step, stats=stats)
             else:
                 self.bar.update(self.task, completed=step)

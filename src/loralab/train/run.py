@@ -18,8 +18,8 @@ from loralab.config import TrainConfig, config_from_dict
 from loralab.data.dataset import encode_splits, prepare_data, resolve_data_path
 from loralab.data.encode import Encoded, encode_text_blocks
 from loralab.data.tables import read_text_file
-from loralab.errors import OS_ERRORS, LoralabError
-from loralab.io import atomic_dir, atomic_write_json, atomic_write_text
+from loralab.errors import OS_ERRORS, LoralabError, os_errno
+from loralab.io import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
 from loralab.lora.dropout import use_fast_dropout
 from loralab.lora.variants import is_mutated_init
 from loralab.models import context_length
@@ -58,6 +58,8 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def _resume_config(run_dir: Path, quiet: bool) -> TrainConfig:
+    # a kill between atomic_dir's two renames left the checkpoint aside: put it back
+    remove_stale_temps(run_dir, depth=0)
     saved = rundir.saved_config(run_dir)
     if saved is None:
         raise LoralabError(f"{run_dir} holds no loralab run (no config.yaml). "
@@ -74,7 +76,7 @@ def _resume_config(run_dir: Path, quiet: bool) -> TrainConfig:
 
 
 def _general_text(cfg: TrainConfig, tokenizer, length: int) -> Encoded | None:
-    if cfg.task != "sft" or not cfg.general_text:
+    if cfg.task not in ("sft", "lm") or not cfg.general_text:
         return None
     text = read_text_file(resolve_data_path(cfg.general_text))
     enc = encode_text_blocks(tokenizer, text, length)
@@ -98,6 +100,10 @@ def _data_notes(cfg: TrainConfig, prep, splits) -> list[str]:
     if splits.truncated:
         notes.append(f"{splits.truncated} rows longer than max_length={cfg.max_length} tokens "
                      "were truncated (raise --max-length to keep them whole).")
+    if splits.prompt_cut:
+        notes.append(f"{splits.prompt_cut} sft records had their prompt cut from the left to fit "
+                     f"max_length={cfg.max_length} (template and response kept; "
+                     "--truncation drop skips them instead).")
     if splits.dropped:
         notes.append(f"{splits.dropped} sft records had no response token left after truncation "
                      "and were skipped.")
@@ -148,7 +154,9 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
                         f"sequences are cut to {limit} tokens.")
     if acc.is_main_process:
         if resume is None:
-            _start_dir(run_dir, cfg, prep, notes)
+            _start_dir(run_dir, cfg, prep, prep.notes + notes)
+        for text in prep.notes:  # how the data was read (fields used, documents)
+            note(text)
         for text in notes:
             note(f"warning: {text}")
     acc.wait_for_everyone()
@@ -186,15 +194,16 @@ def _keeping_checkpoint(loop: Loop, run_dir: Path):
     temporary it was writing is gone (``atomic_dir``) and the last checkpoint kept."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in OS_ERRORS:
+    except Exception as err:
+        code = os_errno(err)
+        if code not in OS_ERRORS:
             raise
-        what, fix = OS_ERRORS[err.errno]
+        what, fix = OS_ERRORS[code]
         where = loop._last_checkpoint()
         hint = f"{fix} Then continue with `loralab train --resume {run_dir}`." \
             if "kept" in where else fix
-        raise LoralabError(f"writing {err.filename or run_dir} failed at step "
-                           f"{loop.state.step}: {what}; {where}.", hint=hint) from err
+        raise LoralabError(f"writing {getattr(err, 'filename', None) or run_dir} failed at "
+                           f"step {loop.state.step}: {what}; {where}.", hint=hint) from err
 
 
 def _fit(loop: Loop, run_dir: Path, resuming: bool) -> None:
@@ -283,6 +292,8 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "trainable_percent": report["percent"],
         "train_seconds": s.train_seconds, "eval_seconds": s.eval_seconds,
         "train_tokens": s.train_tokens, "tokens_per_second": s.train_tokens / step_seconds,
+        "padded_tokens": s.padded_tokens, "micro_batch_tokens": cfg.micro_batch_tokens,
+        "micro_batches_per_step": s.micro_batches / max(s.step, 1),
         "steps": s.step, "epochs": s.step / loop.steps_per_epoch,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "world_size": loop.world, "lr": cfg.lr, "seed": cfg.seed,
@@ -290,7 +301,8 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "peak_memory": peak, "eval": results["eval"], "test": results["test"],
         "best_step": s.best_step, "best_metric": {cfg.metric: s.best_metric},
         "artifact_bytes": artifact_bytes, "loss_curve": s.loss_curve, "evals": s.evals,
-        "data": dict(prep.info, truncated_rows=splits.truncated),
+        "data": dict(prep.info, truncated_rows=splits.truncated,
+                     prompt_cut_rows=splits.prompt_cut, dropped_rows=splits.dropped),
     }
     if "forgetting" in results:
         metrics["forgetting"] = results["forgetting"]
