@@ -148,7 +148,8 @@ def environment(s: Settings, argv: list[str]) -> dict:
     from loralab.lab.environment import cpu_name
 
     name = torch.cuda.get_device_name(0) if cuda else f"CPU: {cpu_name()}"
-    return {"device_name": name, "gpu_memory_bytes": s.capacity if cuda else None,
+    total = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    return {"device_name": name, "gpu_memory_bytes": total, "planned_bytes": s.capacity,
             "driver": driver_version() if cuda else None, "torch": torch.__version__,
             "cuda": torch.version.cuda, "transformers": _version("transformers"),
             "peft": _version("peft"), "accelerate": _version("accelerate"),
@@ -475,11 +476,12 @@ def free(device: str) -> None:
 def is_oom(err: BaseException) -> bool:
     import torch
 
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(err, oom) or "out of memory" in str(err).lower()
 
 
 def run_side(side: str, name: str, method: str, batch: int, ctx: dict, s: Settings) -> dict:
-    """One side of one row; on out-of-memory the batch is halved (recorded)."""
+    """One side of one row; on out-of-memory the batch steps down by a quarter (noted)."""
     import torch
 
     fields, data = ctx["fields"][name], ctx["data"]
@@ -498,7 +500,7 @@ def run_side(side: str, name: str, method: str, batch: int, ctx: dict, s: Settin
         except Exception as err:  # a row's failure is a result
             if not (is_oom(err) and batch > 1):
                 raise
-            batch //= 2
+            batch = batch * 3 // 4  # the estimate's batch was close: step down gently
             ctx["notes"].append(f"{name} {method} {side}: out of memory, retried at batch "
                                 f"{batch}")
         finally:
@@ -648,6 +650,8 @@ def table_row(name: str, method: str, ours: dict | None, hf: dict | None) -> str
     ratio = "-"
     if len(ok) == 2 and ours is ok[0]:
         ratio = f"{ours['tokens_per_second'] / hf['tokens_per_second']:.2f}x"
+        if hf["batch_size"] != ours["batch_size"]:
+            ratio += f" (HF at batch {hf['batch_size']})"
     mfu = f"{_cell(ours, 'mfu', '{:.1%}')} / {_cell(hf, 'mfu', '{:.1%}')}"
     est = "-"
     if ours and ours.get("status") == "ok":

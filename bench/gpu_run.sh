@@ -7,9 +7,10 @@
 #
 # Budget (a lease is 15 min of device time in all, 10 min a command, the start
 # included): the benchmark starts no row after BENCH_LIMIT s and is killed at
-# BENCH_CAP s, the tests at TEST_CAP s, so one run ends within ~6.5 min and a
-# rerun still fits. Works without the repo's .venv (the machine's python3 with
-# torch, transformers, peft, accelerate; loralab from src/ via PYTHONPATH).
+# BENCH_CAP s (210/270 s), the tests at TEST_CAP s (150 s): one run ends within
+# ~7.5 min, start and install included, and a rerun of either part still fits.
+# Works without the repo's .venv (the machine's python3 with torch,
+# transformers, peft, accelerate; loralab from src/ via PYTHONPATH).
 # GPU_RUN_DRY=1 runs the same script on a CPU (bench --dry-run; GPU tests skip).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +18,9 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/out/gpu}
 mkdir -p "$OUT"
 DRY=${GPU_RUN_DRY:-0}
-BENCH_LIMIT=${BENCH_LIMIT:-240}
-BENCH_CAP=${BENCH_CAP:-300}
-TEST_CAP=${TEST_CAP:-120}
+BENCH_LIMIT=${BENCH_LIMIT:-210}
+BENCH_CAP=${BENCH_CAP:-270}
+TEST_CAP=${TEST_CAP:-150}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then
