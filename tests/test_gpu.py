@@ -107,13 +107,15 @@ def test_no_host_sync_from_loralab_in_a_step_but_the_loss():
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            torch.ones(1, device="cuda").item()  # control: a sync this file makes
+            for _ in range(2):  # control: two syncs this file makes, two warnings
+                torch.ones(1, device="cuda").item()
             for step in plan[1:3]:
                 loop.train_step(step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     flagged = [w for w in caught if "synchroniz" in str(w.message)]
-    assert any(w.filename == __file__ for w in flagged), "sync warnings carry no caller"
+    control = [w for w in flagged if w.filename == __file__]
+    assert len(control) == 2, "sync warnings must name their caller, once per call"
     syncs = [(Path(w.filename).name, w.lineno) for w in flagged if w.filename.startswith(src)]
     ours = [s for s in syncs if s[0] != "loop.py"]
     assert not ours, f"host syncs in loralab outside the loop: {ours}"
