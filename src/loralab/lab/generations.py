@@ -32,27 +32,19 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_for_generation(job: dict):
+def load_job_model(job: dict):
     """(model, tokenizer) for a job: the base model, a full fine-tune's saved
-    model, or the base (4-bit for QLoRA) with the run's adapter loaded."""
-    from loralab.lora import load_adapter
-    from loralab.models import load_model
+    model, or the base with the run's adapter (NF4 for QLoRA), each loaded as
+    ``loralab generate`` loads it."""
+    from loralab.generation import load_for_generation
 
     method = job.get("method")
     if method is None:
-        return load_model(job["model"], "sft")
+        return load_for_generation(job["model"])
     run_dir = Path(job["run_dir"])
     if method == "full":
-        return load_model(str(run_dir / "model"), "sft")
-    kwargs = {}
-    if method == "qlora":
-        from loralab.config import config_from_dict
-        from loralab.train.methods import compute_dtype
-
-        cfg = config_from_dict(job["config"])
-        kwargs = {"quantize_4bit": True, "compute_dtype": compute_dtype(cfg, device())}
-    model, tok = load_model(job["model"], "sft", **kwargs)
-    return load_adapter(model, run_dir / "adapter"), tok
+        return load_for_generation(str(run_dir / "model"))
+    return load_for_generation(job["model"], run_dir / "adapter")
 
 
 def generate(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:

@@ -20,10 +20,10 @@ from loralab.io import atomic_write_json
 
 
 def run_generate(job: dict) -> None:
-    from loralab.lab.generations import generate, load_for_generation
+    from loralab.lab.generations import generate, load_job_model
 
     for entry in job["models"]:
-        model, tok = load_for_generation(entry)
+        model, tok = load_job_model(entry)
         answers = generate(model, tok, job["prompts"], job["max_new_tokens"])
         atomic_write_json(entry["out"], {"key": entry["key"], "answers": answers})
         del model

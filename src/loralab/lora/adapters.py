@@ -303,6 +303,9 @@ def load_base_and_adapter(adapter_dir, base: str | None = None, *, adapter_name=
     task = adapter_task(config) or "sft"
     labels = classifier_labels(config) if task == "classify" else None
     quantized = quantized_base(config) if quantize is None else quantize
+    if quantized and compute_dtype is None:  # as training's "auto": bf16 on GPUs that have it
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        compute_dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs = {"id2label": dict(enumerate(labels))} if labels else {}
     with quiet_transformers():
         model, tok = load_model(base, task, quantize_4bit=quantized,
