@@ -67,7 +67,8 @@ def main(argv=None):
         if debug:
             raise
         click.echo("interrupted", err=True)
-        sys.exit(getattr(err, "exit_code", INTERRUPTED))
+        cause = err.__cause__ or err  # click turns KeyboardInterrupt into Abort
+        sys.exit(getattr(cause, "exit_code", INTERRUPTED))  # SIGTERM: 143
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except click.ClickException as err:

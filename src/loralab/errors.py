@@ -12,6 +12,7 @@ tokenizer, a number out of range) are turned into one line with a fix by
 from __future__ import annotations
 
 import errno
+import re
 import traceback
 
 USAGE = 2  # bad input: a file, an option, a model the user named
@@ -74,14 +75,28 @@ def _from_tokenizer(err: BaseException) -> bool:
     return any("tokenization_" in f.filename or "/tokenizers/" in f.filename for f in frames)
 
 
+def os_errno(err: BaseException) -> int | None:
+    """The errno of a failed read or write: an OSError's, or the one safetensors'
+    Rust writer puts in its message ("I/O error: No space left on device (os
+    error 28)"): a full disk while saving is not a corrupt file."""
+    if isinstance(err, OSError):
+        return err.errno
+    if type(err).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)", str(err))
+        return int(m.group(1)) if m else None
+    return None
+
+
 def describe(err: BaseException) -> tuple[str, int]:
     """The one line (without ``error: ``) and the exit code for ``err``."""
     if isinstance(err, LoralabError):
         return str(err), err.exit_code
     name = type(err).__name__
-    if isinstance(err, OSError) and err.errno in OS_ERRORS:
-        what, fix = OS_ERRORS[err.errno]
-        where = f": {err.filename}" if err.filename else ""
+    code = os_errno(err)
+    if code in OS_ERRORS:
+        what, fix = OS_ERRORS[code]
+        filename = getattr(err, "filename", None)
+        where = f": {filename}" if filename else ""
         return f"{what}{where}. {fix}", USAGE
     if name == "SafetensorError" or type(err).__module__.startswith("safetensors"):
         return (f"a .safetensors file is corrupt, truncated or not safetensors "

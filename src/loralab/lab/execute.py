@@ -71,14 +71,32 @@ def _describe_record(name: str, record: dict | None) -> str:
     return f"[bold]{name}[/]: " + " · ".join(bits)
 
 
+PROGRESS_EVERY_S = 30.0  # a progress line this often when the output is not a terminal
+
+
+def _follow(name: str, progress: Progress, task_id):
+    """``on_poll``: the live description, and, where no live display shows (output
+    redirected to a file), one plain line per PROGRESS_EVERY_S with news."""
+    last = {"t": time.monotonic(), "record": None}
+
+    def on_poll(record):
+        text = _describe_record(name, record)
+        progress.update(task_id, description=text)
+        now = time.monotonic()
+        if (not progress.console.is_terminal and record and record != last["record"]
+                and now - last["t"] >= PROGRESS_EVERY_S):
+            progress.console.print(text)
+            last.update(t=now, record=record)
+    return on_poll
+
+
 def _attempt(plan: Plan, name: str, progress: Progress, task_id, resume: bool):
     run_dir = plan.output / name
     config_yaml = plan.output / LAB_DIR / f"{name}.yaml"
     write_run_yaml(config_yaml, plan.run_config(name), run_dir)
     progress.update(task_id, description=_describe_record(name, None))
-    return run_training(
-        config_yaml, run_dir, plan.output / "logs" / f"{name}.log", resume=resume,
-        on_poll=lambda rec: progress.update(task_id, description=_describe_record(name, rec)))
+    return run_training(config_yaml, run_dir, plan.output / "logs" / f"{name}.log",
+                        resume=resume, on_poll=_follow(name, progress, task_id))
 
 
 def train_one(plan: Plan, state: dict, name: str, progress: Progress, task_id) -> dict:
@@ -142,9 +160,31 @@ def write_outputs(plan: Plan, rows: list[dict], env: dict, generations: list[dic
     write_report(plan.output / "report.html", rows, meta)
 
 
+def preflight(plan: Plan) -> None:
+    """Before any run starts: the data reads (a missing file is one error line,
+    not a failed row in a report), the output is writable and its disk holds every
+    run's artifacts plus the largest run's checkpoints; removes temporaries that
+    killed runs left in the output."""
+    from loralab.data.dataset import prepare_data
+    from loralab.io import check_free_space, check_writable, remove_stale_temps
+    from loralab.train.preflight import disk_plan
+
+    first = plan.configs[plan.runs[0].name]
+    prep = prepare_data(first)
+    check_writable(plan.output)
+    if plan.output.is_dir():
+        remove_stale_temps(plan.output, depth=2)
+    labels = len(prep.label_map.labels) if prep.label_map else 2
+    disks = [disk_plan(plan.configs[spec.name], labels) for spec in plan.runs]
+    if all(d is not None for d in disks):
+        need = sum(d.artifact for d in disks) + max(d.transient() for d in disks)
+        check_free_space(plan.output, need, f"{len(disks)} runs' artifacts and checkpoints")
+
+
 def execute(plan: Plan, *, overwrite: bool = False, console: Console | None = None) -> list[dict]:
     """Run every unfinished run of ``plan``; return one row per run, in plan order."""
     console = console or Console()
+    preflight(plan)
     state = open_output(plan, overwrite)
     env = environment()
     names = [spec.name for spec in plan.runs]
