@@ -185,7 +185,8 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         dtype = A.weight.dtype
         weight = self.dense_weight().to(dtype)  # (out, in)
-        norm = dora_weight_norm(weight, self.delta_weight_dense(name).detach()).detach()
+        with torch.no_grad():  # a constant in backward: no graph for the (out, in) sum
+            norm = dora_weight_norm(weight, self.delta_weight_dense(name))  # (out,)
         scale = self.lora_magnitude_vector[name].weight / norm  # (out,)
         dropout = self.lora_dropout[name]
         x = x.to(dtype)
