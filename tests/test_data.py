@@ -112,8 +112,13 @@ def test_sft_truncation_counts_and_drops():
     tok = make_tokenizer("causal")
     conv = [{"role": "user", "content": "hello " * 40},
             {"role": "assistant", "content": "world"}]
-    enc = encode_conversations(tok, [conv], max_length=16)
+    enc = encode_conversations(tok, [conv], max_length=16, truncation="drop")
     assert enc.truncated == 1 and enc.dropped == 1 and len(enc) == 0
+    enc = encode_conversations(tok, [conv], max_length=16)  # prompt cut from the left
+    assert enc.truncated == enc.prompt_cut == 1 and enc.dropped == 0 and len(enc) == 1
+    text = tok.decode(enc.input_ids[0])
+    assert len(enc.input_ids[0]) <= 16 and text.endswith("world <eos>")
+    assert text.count("hello") < 40
 
 
 def test_classification_truncation_keeps_special_tokens():

@@ -11,8 +11,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from loralab.data.encode import Encoded, encode_classification, encode_conversations
-from loralab.data.instructions import read_conversations, split_conversations
+from loralab.data.documents import read_documents
+from loralab.data.encode import (
+    Encoded,
+    encode_classification,
+    encode_conversations,
+    encode_documents,
+)
+from loralab.data.instructions import read_sft, split_conversations
 from loralab.data.splits import LabelMap, check_labels, count_overlap, split_table
 from loralab.data.tables import Table, read_table
 from loralab.errors import LoralabError
@@ -38,7 +44,7 @@ def resolve_data_path(data: str) -> str:
 
 @dataclass
 class Prepared:
-    """Raw splits: Tables (classify) or conversation lists (sft)."""
+    """Raw splits: Tables (classify), conversation lists (sft) or documents (lm)."""
     task: str
     train: object
     eval: object | None
@@ -46,18 +52,23 @@ class Prepared:
     label_map: LabelMap | None = None
     warnings: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was read, and how (logged)
+    truncation: str = "left"
 
 
 def prepare_data(cfg) -> Prepared:
     if cfg.task == "classify":
         return _prepare_classify(cfg)
+    if cfg.task == "lm":
+        return _prepare_lm(cfg)
     return _prepare_sft(cfg)
 
 
 def _read(cfg, path: str | None) -> Table | None:
     if path is None:
         return None
-    return read_table(resolve_data_path(path), cfg.text_column, cfg.label_column)
+    return read_table(resolve_data_path(path), cfg.text_column, cfg.label_column,
+                      cfg.data_split, cfg.data_config)
 
 
 def _prepare_classify(cfg) -> Prepared:
@@ -84,14 +95,29 @@ def _prepare_classify(cfg) -> Prepared:
 
 
 def _prepare_sft(cfg) -> Prepared:
-    train = read_conversations(resolve_data_path(cfg.data))
-    eval_c = read_conversations(resolve_data_path(cfg.eval_data)) if cfg.eval_data else None
-    test_c = read_conversations(resolve_data_path(cfg.test_data)) if cfg.test_data else None
+    train, mapping = read_sft(resolve_data_path(cfg.data), cfg)
+    eval_c = read_sft(resolve_data_path(cfg.eval_data), cfg)[0] if cfg.eval_data else None
+    test_c = read_sft(resolve_data_path(cfg.test_data), cfg)[0] if cfg.test_data else None
     train, ev, te = split_conversations(train, cfg.eval_split, cfg.test_split, cfg.seed,
                                         eval_c is not None, test_c is not None)
-    prep = Prepared("sft", train, eval_c or ev, test_c or te)
+    prep = Prepared("sft", train, eval_c or ev, test_c or te, truncation=cfg.truncation)
+    prep.info = {"train_rows": len(train), "eval_rows": len(prep.eval or []),
+                 "test_rows": len(prep.test or []), "fields": mapping.describe()}
+    prep.notes.append(f"sft data {cfg.data}: {mapping.describe()}.")
+    return prep
+
+
+def _prepare_lm(cfg) -> Prepared:
+    train = read_documents(resolve_data_path(cfg.data), cfg)
+    eval_d = read_documents(resolve_data_path(cfg.eval_data), cfg) if cfg.eval_data else None
+    test_d = read_documents(resolve_data_path(cfg.test_data), cfg) if cfg.test_data else None
+    train, ev, te = split_conversations(train, cfg.eval_split, cfg.test_split, cfg.seed,
+                                        eval_d is not None, test_d is not None, what="documents")
+    prep = Prepared("lm", train, eval_d or ev, test_d or te)
     prep.info = {"train_rows": len(train), "eval_rows": len(prep.eval or []),
                  "test_rows": len(prep.test or [])}
+    prep.notes.append(f"lm data {cfg.data}: {len(train)} training documents, packed into "
+                      f"blocks of max_length tokens with EOS between documents.")
     return prep
 
 
@@ -109,6 +135,10 @@ class EncodedSplits:
     def dropped(self) -> int:
         return sum(e.dropped for e in (self.train, self.eval, self.test) if e is not None)
 
+    @property
+    def prompt_cut(self) -> int:
+        return sum(e.prompt_cut for e in (self.train, self.eval, self.test) if e is not None)
+
 
 def encode_split(prep: Prepared, part, tokenizer, max_length: int) -> Encoded | None:
     if part is None:
@@ -116,7 +146,9 @@ def encode_split(prep: Prepared, part, tokenizer, max_length: int) -> Encoded | 
     if prep.task == "classify":
         return encode_classification(tokenizer, part.texts, prep.label_map.encode(part.labels),
                                      max_length)
-    return encode_conversations(tokenizer, part, max_length)
+    if prep.task == "lm":
+        return encode_documents(tokenizer, part, max_length)
+    return encode_conversations(tokenizer, part, max_length, prep.truncation)
 
 
 def encode_splits(prep: Prepared, tokenizer, max_length: int) -> EncodedSplits:

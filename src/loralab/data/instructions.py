@@ -1,4 +1,5 @@
-"""Instruction data for sft: Alpaca JSON/JSONL and chat JSONL records.
+"""Instruction data for sft: chat messages, prompt/completion, Alpaca and other
+field pairs (``fields.detect_mapping``), from any source ``sources`` reads.
 
 Every record becomes a conversation ending in the assistant turn to learn;
 ``prompts.split_response`` turns it into (prompt, response) text.
@@ -6,79 +7,101 @@ Every record becomes a conversation ending in the assistant turn to learn;
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from loralab.data.tables import read_text_file
+from loralab.data.fields import Mapping, detect_mapping, option
+from loralab.data.prompts import instruction_messages
+from loralab.data.sources import Records, fields_found, read_records
 from loralab.errors import LoralabError
 
-
-def read_records(path: str | Path) -> list[dict]:
-    """Parse a JSON list or JSONL file into dict records."""
-    text = read_text_file(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as err:
-            raise LoralabError(f"{path} is not valid JSON (line {err.lineno}). Fix the file.")
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise LoralabError(
-                    f"{path} line {n} is not valid JSON. Instruction data must be a JSON list "
-                    "or JSONL with instruction/input/output or messages fields.") from None
-    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise LoralabError(f"{path} record {bad + 1} is not a JSON object. Fix the file.")
-    return records
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "bot": "assistant", "model": "assistant", "system": "system"}
 
 
-def to_conversation(record: dict, index: int, source: str) -> list[dict]:
-    """One record -> messages ending with the assistant response."""
+def _message(m, where: str) -> dict:
+    """{role, content} (OpenAI/TRL) or {from, value} (ShareGPT) -> {role, content}."""
+    if isinstance(m, dict):
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role is not None and content is not None:
+            return {"role": ROLES.get(str(role).lower(), str(role)), "content": str(content)}
+    raise LoralabError(f"{where}: a message must be a {{role, content}} object (or ShareGPT's "
+                       "{from, value}).", hint="Fix the record.")
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise LoralabError(f"{where}: expected a list of messages, got {type(value).__name__}.",
+                           hint="Fix the record.")
+    return [_message(m, where) for m in value]
+
+
+def _turns(value, role: str, where: str) -> list[dict]:
+    """A string is one turn of ``role``; a list is messages (conversational)."""
+    if isinstance(value, list):
+        return _messages(value, where)
+    return [{"role": role, "content": "" if value is None else str(value)}]
+
+
+def _field(record: dict, name: str, where: str):
+    if name not in record:
+        from loralab.data.sources import fields_found
+
+        raise LoralabError(f"{where} has no field {name!r} (fields found: "
+                           f"{fields_found(record)}).", hint="Fix the record or remove it.")
+    return record[name]
+
+
+def to_conversation(record: dict, index: int, source: str, mapping: Mapping) -> list[dict]:
+    """One record -> messages ending with the assistant response to learn."""
     where = f"{source} record {index + 1}"
-    if "messages" in record:
-        messages = record["messages"]
-        ok = isinstance(messages, list) and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-        if not ok:
-            raise LoralabError(f"{where}: 'messages' must be a list of {{role, content}} objects.")
-        if not messages or messages[-1]["role"] != "assistant" or not str(
-                messages[-1]["content"]).strip():
-            raise LoralabError(
-                f"{where} has no response: the last message must be a non-empty assistant turn. "
-                "Add the response or remove the record.")
-        return [{"role": m["role"], "content": str(m["content"])} for m in messages]
-    if "instruction" not in record:
-        keys = ", ".join(map(repr, record)) or "none"
+    if mapping.messages:
+        messages = _messages(_field(record, mapping.messages, where), where)
+    else:
+        prompt = _field(record, mapping.prompt, where)
+        context = str(record.get(mapping.context) or "") if mapping.context else ""
+        if isinstance(prompt, list):
+            messages = _messages(prompt, where)
+        else:
+            messages = instruction_messages(str(prompt if prompt is not None else ""), context)
+        system = record.get(mapping.system) if mapping.system else None
+        if system and str(system).strip() and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": str(system)}] + messages
+        messages += _turns(_field(record, mapping.response, where), "assistant", where)
+    if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise LoralabError(f"{where} has no response: the last turn must be a non-empty "
+                           f"assistant turn ({mapping.describe()}).",
+                           hint="Fix: add the response or remove the record.")
+    return messages
+
+
+def find_mapping(recs: Records, options=None) -> Mapping:
+    mapping = detect_mapping(recs.fields, options, recs.source)
+    if mapping is None:
         raise LoralabError(
-            f"{where} has neither 'instruction' nor 'messages' (fields found: {keys}). "
-            "Use Alpaca fields instruction/input/output or chat 'messages'.")
-    output = record.get("output", record.get("response"))
-    if output is None or not str(output).strip():
-        raise LoralabError(
-            f"{where} has no response ('output' is missing or empty). "
-            "Add the response or remove the record.")
-    from loralab.data.prompts import instruction_messages
-
-    messages = instruction_messages(str(record["instruction"]), str(record.get("input") or ""))
-    return messages + [{"role": "assistant", "content": str(output)}]
+            f"{recs.source} holds no instruction data: fields found: "
+            f"{fields_found(recs.fields)}.",
+            hint="Fix: use chat 'messages', prompt/completion or instruction/input/output "
+                 "fields, or name yours with --prompt-field NAME --response-field NAME "
+                 "(or --messages-field NAME).")
+    return mapping
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    records = read_records(path)
-    if not records:
-        raise LoralabError(f"{path} holds no records. Give a file with instruction data.")
-    return [to_conversation(r, i, str(path)) for i, r in enumerate(records)]
+def read_sft(data: str, options=None) -> tuple[list[list[dict]], Mapping]:
+    """Every record of ``data`` as a conversation, and the field mapping used."""
+    recs = read_records(data, option(options, "data_split"), option(options, "data_config"))
+    if not recs.rows:
+        raise LoralabError(f"{data} holds no records.", hint="Fix: give a file with "
+                                                             "instruction data.")
+    mapping = find_mapping(recs, options)
+    return [to_conversation(r, i, data, mapping) for i, r in enumerate(recs.rows)], mapping
 
 
-def split_conversations(convs: list[list[dict]], eval_split: float, test_split: float,
-                        seed: int, has_eval: bool, has_test: bool):
+def read_conversations(path: str | Path, options=None) -> list[list[dict]]:
+    return read_sft(str(path), options)[0]
+
+
+def split_conversations(convs: list, eval_split: float, test_split: float,
+                        seed: int, has_eval: bool, has_test: bool, what: str = "records"):
     """Seeded random split of the records still needed for eval/test."""
     import random
 
@@ -88,7 +111,7 @@ def split_conversations(convs: list[list[dict]], eval_split: float, test_split: 
     n_eval = 0 if has_eval else max(1, round(n * eval_split)) if eval_split > 0 else 0
     n_test = 0 if has_test else max(1, round(n * test_split)) if test_split > 0 else 0
     if n - n_eval - n_test < 1:
-        raise LoralabError(f"only {n} records: too few to split off eval and test sets. "
+        raise LoralabError(f"only {n} {what}: too few to split off eval and test sets. "
                            "Give more data or --eval-data/--test-data files.")
     eval_idx, test_idx = order[:n_eval], order[n_eval:n_eval + n_test]
     train_idx = order[n_eval + n_test:]

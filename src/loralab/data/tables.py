@@ -1,4 +1,5 @@
-"""Classification tables: CSV, TSV or JSONL files of (text, label) rows.
+"""Classification tables: CSV, TSV, JSON(L), Parquet, save_to_disk dirs or hub
+datasets of (text, label) rows.
 
 The delimiter and the header are detected; TSV is read with quoting off
 because real message data carries stray quote characters that would otherwise
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +44,27 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
-def read_table(path: str | Path, text_column: str = "text",
-               label_column: str = "label") -> Table:
+def read_table(path: str | Path, text_column: str = "text", label_column: str = "label",
+               split: str | None = None, config: str | None = None) -> Table:
     """Read a classification table; columns by name or by 0-based index."""
-    text = read_text_file(path)
-    suffix = Path(path).suffix.lower()
-    if suffix in (".jsonl", ".json") or text.lstrip()[:1] in ("{", "["):
-        rows, columns = _json_rows(text, path)
+    from loralab.data.sources import read_records, source_kind
+
+    kind = source_kind(str(path))
+    if kind == "text":
+        raise LoralabError(
+            f"{path} is plain text, not a classification table.",
+            hint="Fix: give a CSV/TSV/JSON/JSONL/Parquet table with text and label columns, "
+                 "or pass --task lm to train a language model on the text.")
+    if kind in ("csv", "tsv"):
+        text = read_text_file(path)
+        rows, columns = delimited_rows(text, Path(path).suffix.lower(), text_column, label_column)
     else:
-        rows, columns = _delimited_rows(text, suffix, text_column, label_column)
+        recs = read_records(str(path), split, config)
+        rows, columns = [[r.get(c) for c in recs.fields] for r in recs.rows], recs.fields
+    return _pick_columns(rows, columns, path, text_column, label_column)
+
+
+def _pick_columns(rows, columns, path, text_column, label_column) -> Table:
     ti = _column_index(columns, text_column, path, "text")
     li = _column_index(columns, label_column, path, "label")
     texts, labels, skipped = [], [], 0
@@ -65,29 +77,9 @@ def read_table(path: str | Path, text_column: str = "text",
         texts.append(t)
         labels.append(lab)
     if not texts:
-        raise LoralabError(f"{path} has no rows with both a text and a label. Check the columns.")
+        raise LoralabError(f"{path} has no rows with both a text and a label "
+                           f"(columns: {', '.join(map(repr, columns))}). Check the columns.")
     return Table(texts, labels, str(path), skipped)
-
-
-def _json_rows(text: str, path) -> tuple[list[list], list[str]]:
-    records = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as err:
-            raise LoralabError(f"{path} is not valid JSON (line {err.lineno}). Fix the file.")
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise LoralabError(f"{path} line {n} is not valid JSON. Fix or remove it.")
-    if not all(isinstance(r, dict) for r in records):
-        raise LoralabError(f"{path}: every JSON record must be an object with named fields.")
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    return [[r.get(c) for c in columns] for r in records], columns
 
 
 def sniff_delimiter(sample: str, suffix: str) -> str:
@@ -104,12 +96,14 @@ def sniff_delimiter(sample: str, suffix: str) -> str:
     return best
 
 
-def _delimited_rows(text: str, suffix: str, text_column: str, label_column: str):
+def delimited_rows(text: str, suffix: str, text_column: str | None,
+                   label_column: str | None):
+    """(rows, column names); ``None`` columns: the first row is the header."""
     delim = sniff_delimiter(text[:20000], suffix)
     quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
     rows = list(csv.reader(io.StringIO(text), delimiter=delim, quoting=quoting))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if _has_header(rows, text_column, label_column):
+    if text_column is None or _has_header(rows, text_column, label_column):
         return rows[1:], [c.strip() for c in rows[0]]
     width = max(len(r) for r in rows)
     return rows, [str(i) for i in range(width)]

@@ -26,7 +26,7 @@ from loralab.lab.plan import (
 DEFAULT_OUTPUT = "runs/compare"
 # The two real models loralab ships aliases for: an encoder for classification,
 # a small causal LM for instruction tuning.
-DEFAULT_MODEL = {"classify": "minilm", "sft": "smollm2-135m"}
+DEFAULT_MODEL = {"classify": "minilm", "sft": "smollm2-135m", "lm": "smollm2-135m"}
 DEFAULT_GENERATIONS = 4  # held-out prompts shown side by side (sft)
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -48,17 +48,17 @@ def shared_options(model, data, task, train_args) -> dict:
 
     options = parse_train_args(train_args)
     options["data"] = data or "tickets"
-    options["task"] = task or infer_task(options["data"])
+    options["task"] = task or infer_task(options["data"], options)
     options["model"] = model or DEFAULT_MODEL[options["task"]]
     return options
 
 
 def sft_settings(task: str, general_text: str | None) -> str | None:
-    if task != "sft":
+    if task not in ("sft", "lm"):
         if general_text:
             raise LoralabError("--general-text measures forgetting of causal language models "
-                               "and needs an sft comparison. Drop it, or pass --task sft "
-                               "with instruction data.")
+                               "and needs an sft or lm comparison. Drop it, or pass --task sft "
+                               "with instruction data (--task lm with text).")
         return None
     return check_general_text(general_text) if general_text else default_general_text()
 

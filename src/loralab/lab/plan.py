@@ -30,7 +30,8 @@ VARIANTS = {
     "lora-plus": {"method": "lora", "lora_plus_ratio": 16.0},  # Hayou et al., 2024: ratio 16
 }
 METHODS = tuple(VARIANTS)
-DEFAULT_METHODS = {"classify": ("full", "head", "lora", "qlora"), "sft": ("full", "lora", "qlora")}
+DEFAULT_METHODS = {"classify": ("full", "head", "lora", "qlora"), "sft": ("full", "lora", "qlora"),
+                   "lm": ("full", "lora", "qlora")}
 # Methods with LoRA layers: run once per rank, and sweepable.
 LORA_FAMILY = tuple(m for m, v in VARIANTS.items() if v["method"] in ("lora", "qlora"))
 VARIANT_KEYS = ("use_dora", "init_lora_weights", "use_rslora", "lora_plus_ratio")

@@ -7,11 +7,11 @@ perplexity; a plain ``.txt`` file gets perplexity over blocks of text.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from loralab.data.dataset import resolve_data_path
-from loralab.data.encode import encode_classification, encode_conversations, encode_text_blocks
+from loralab.data.documents import read_documents
+from loralab.data.encode import encode_classification, encode_conversations, encode_documents
 from loralab.data.instructions import read_conversations
+from loralab.data.sources import source_kind
 from loralab.data.tables import read_table, read_text_file
 from loralab.errors import LoralabError
 
@@ -22,15 +22,12 @@ def _model_task(model: str) -> str:
     return default_task(load_config(model))
 
 
-def _data_kind(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".txt":
-        return "text"
-    if suffix in (".json", ".jsonl"):
-        from loralab.config import infer_task
+def _data_kind(path: str, text_column: str = "text") -> str:
+    """classify, sft or text (lm), told from the data as training tells it."""
+    from loralab.config import infer_task
 
-        return infer_task(path)
-    return "classify"
+    kind = infer_task(path, {"text_column": text_column})
+    return "text" if kind == "lm" else kind
 
 
 def _labels(model_obj) -> list[str]:
@@ -55,7 +52,8 @@ def _load(model: str, adapter: str | None, task: str):
 
 def _encode(kind: str, data: str, tok, labels, max_length: int, columns: tuple[str, str]):
     if kind == "text":
-        return encode_text_blocks(tok, read_text_file(data), max_length)
+        docs = read_documents(data, {"text_column": columns[0]})
+        return encode_documents(tok, docs, max_length)
     if kind == "sft":
         return encode_conversations(tok, read_conversations(data), max_length)
     table = read_table(data, *columns)
@@ -78,7 +76,8 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
     from loralab.train.first_token import use_first_token_only
 
     data = resolve_data_path(data)
-    read_text_file(data)  # missing, empty or non-UTF-8: one line, before loading a model
+    if source_kind(data) not in ("parquet", "disk", "hub"):
+        read_text_file(data)  # missing, empty or non-UTF-8: one line, before loading a model
     meta = {}
     if adapter is not None:
         from loralab.lora.adapters import adapter_task, read_adapter_config
@@ -86,7 +85,7 @@ def evaluate_saved(model: str, data: str, adapter: str | None = None, *,
         config = read_adapter_config(adapter)
         meta = dict(config["_loralab"], task=adapter_task(config))
     task = meta.get("task") or _model_task(model)
-    kind = _data_kind(data)
+    kind = _data_kind(data, text_column)
     if kind == "classify" and task != "classify":
         raise LoralabError(f"{data} is a classification table but the model is a causal LM. "
                            "Give instruction data (.json/.jsonl) or plain text (.txt).")
