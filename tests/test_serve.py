@@ -9,37 +9,35 @@ offline MiniLM tokenizer; adapters come from loralab's engine with random B.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, wait_for
 from train_support import build_adapters, tiny_llama_dir
 
 from loralab.errors import LoralabError
 from loralab.generation import SamplingParams, complete, load_for_generation
 from loralab.serve.app import create_app
 from loralab.serve.engine import CallJob, GenJob
-from loralab.serve.server import BackgroundServer, LoraServer, ServeConfig, parse_adapter_specs
+from loralab.serve.server import (
+    BackgroundServer,
+    LoraServer,
+    ServeConfig,
+    bind_socket,
+    parse_adapter_specs,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 KEY = "test-key"
 LABELS = ("billing", "bug", "other")
 PROMPTS = ["hello world", "the quick brown fox", "refund my order please",
            "why does the app crash"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _keep_torch_threads():
-    """A server sets torch's thread count for the process; give it back after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +107,7 @@ def test_completions_equal_offline_for_each_adapter_and_base(setup, offline):
 def test_server_equals_generate_command(setup, capsys):
     out = completion(setup["client"], "a2", PROMPTS[2])["choices"][0]["text"]
     assert cli("generate", "--model", setup["model"], "--adapter", setup["adapters"]["a2"],
-               "--prompt", PROMPTS[2], "--max-tokens", "12") == 0
+               "--prompt", PROMPTS[2], "--max-tokens", 12) == 0
     assert capsys.readouterr().out == out + "\n"
 
 
@@ -218,12 +216,12 @@ def test_unload_waits_for_accepted_requests(setup, offline):
     gate = _hold_worker(server)  # the request is accepted and queued, not yet run
     with ThreadPoolExecutor(2) as pool:
         pending = pool.submit(completion, c, "late", PROMPTS[2])
-        deadline = time.time() + 10
-        while server.worker.pending() == 0 and time.time() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: server.worker.pending() > 0, 10, "the request to be queued")
+        entry = server.registry.entries["late"]
         unload = pool.submit(c.delete, "/v1/adapters/late")
-        time.sleep(0.3)
-        assert not unload.done()  # waits for the accepted request
+        wait_for(lambda: entry.state == "draining", 10, "the unload to begin")
+        assert server.registry.in_use(entry)  # the accepted request still holds it ...
+        assert not unload.done()  # ... so the unload waits for it
         r = c.post("/v1/completions", json={"model": "late", "prompt": "x"})
         assert r.status_code == 404  # draining: no new requests
         gate.set()
@@ -337,9 +335,8 @@ def test_adapter_specs_and_config_errors(setup):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with bind_socket("127.0.0.1", 0) as sock:
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -350,15 +347,15 @@ def test_serve_command_subprocess(setup, offline):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
+
+        def healthy() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
+                return httpx.get(url + "/health", timeout=2).status_code == 200
             except httpx.HTTPError:
-                assert time.time() < deadline, "server did not start"
-                time.sleep(0.2)
+                return False
+
+        wait_for(healthy, 120, "the server to start")
         r = httpx.post(url + "/v1/completions", timeout=30, json={
             "model": "a1", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0})
         assert r.json()["choices"][0]["text"] == offline("a1", PROMPTS[1])

@@ -7,7 +7,7 @@ loads; RoBERTa-style nested heads and QLoRA adapters are served as ``eval``
 and the one "base + adapter" loader run them.
 
 The server runs in-process (uvicorn in a thread) on the tiny Llama of
-tests/test_generate.py (MiniLM tokenizer, context 96).
+tests/train_support.py (MiniLM tokenizer, context 96).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import torch
-from conftest import cli
+from conftest import cli, wait_for
 from train_support import build_adapters, tiny_llama_dir
 
 from loralab.errors import LoralabError
@@ -39,22 +38,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 KEY = "s3cret-fuzz-key-0123456789"
 LIMIT = 6 << 20  # the fuzz server's --max-request-bytes: a 5 MB prompt gets through to the tokenizer
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
-    """Poll ``condition()`` until it is truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    return value
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -309,15 +292,19 @@ def test_default_limit_refuses_a_5mb_prompt():
 
 def test_health_answers_while_a_5mb_prompt_is_refused(fuzz):
     """The prompt passes the fuzz server's 6 MiB limit, so it is parsed,
-    tokenized (seconds, off the event loop) and refused for the context; every
-    /health meanwhile answers within 1 s (a correctness bound, not a speed
-    figure: on the event loop it waited for the whole tokenization)."""
+    tokenized whole (seconds, off the event loop) and refused for the context;
+    every /health meanwhile answers within 1 s (a correctness bound, not a
+    speed figure: on the event loop it waited for the whole tokenization)."""
     url = fuzz["url"]
-    prompt = ("refund my order please " * 220_000)[:5_000_000]
+    # blank at first: the prefix probe finds too few tokens to decide, so the whole
+    # 5 MB is tokenized (about a million tokens)
+    prompt = (" " * 4000 + "refund my order please " * 220_000)[:5_000_000]
     result = {}
 
     def big():
+        t0 = time.perf_counter()
         result["r"] = fuzz["client"].post(C, json={**OK, "prompt": prompt}, timeout=120)
+        result["s"] = time.perf_counter() - t0
 
     thread = threading.Thread(target=big)
     thread.start()
@@ -333,9 +320,48 @@ def test_health_answers_while_a_5mb_prompt_is_refused(fuzz):
     check_error(result["r"], 400, "context length")
     assert len(latencies) >= 3, "the refusal finished before /health was asked"
     assert max(latencies) < 1.0, latencies
-    print(f"\n/health during a 5 MB prompt: {len(latencies)} calls, max "
-          f"{max(latencies) * 1000:.0f} ms, median "
+    print(f"\n5 MB prompt refused in {result['s']:.1f} s; /health meanwhile: "
+          f"{len(latencies)} calls, max {max(latencies) * 1000:.0f} ms, median "
           f"{sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms")
+
+
+def test_a_5mb_prompt_with_spaces_is_refused_from_its_prefix(fuzz):
+    prompt = ("refund my order please " * 220_000)[:5_000_000]
+    r = fuzz["client"].post(C, json={**OK, "prompt": prompt})
+    check_error(r, 400, "in its first")
+    r = fuzz["client"].post(CHAT, json={"model": "a1", "messages": [
+        {"role": "user", "content": prompt}]})
+    check_error(r, 400, "in its first")
+
+
+TEXTS = ["refund my order please " * 40, "a  b   c\n\n d\te " * 60, "x " * 500,
+         "invoice-charge, refund! (card) " * 40, "naïve café 東京 " * 80,
+         "supercalifragilistic " * 50 + "y" * 3000, "\n".join(["line"] * 600)]
+
+
+@pytest.mark.parametrize("tokenizer", ["minilm", "smollm2-135m"])
+def test_prefix_probe_refuses_only_what_is_too_long(tokenizer):
+    """Whenever the probe refuses, the whole text has more tokens than the
+    context (WordPiece and byte-level BPE); texts it cannot decide pass through."""
+    from types import SimpleNamespace
+
+    from loralab.models import load_tokenizer
+    from loralab.serve.app import refuse_if_surely_too_long
+
+    try:
+        tok = load_tokenizer(tokenizer)
+    except LoralabError as err:
+        pytest.skip(str(err))
+    refused = 0
+    for context in (8, 16, 32, 64, 128):
+        server = SimpleNamespace(served=SimpleNamespace(context=context, tokenizer=tok))
+        for text in TEXTS:
+            try:
+                refuse_if_surely_too_long(server, text)
+            except LoralabError:
+                refused += 1
+                assert len(tok(text)["input_ids"]) > context, (context, text[:40])
+    assert refused >= 10  # the probe decides most of these
 
 
 def test_tiny_top_p_and_temperature_still_answer(fuzz):

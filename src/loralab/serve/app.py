@@ -234,6 +234,35 @@ def _check_max_tokens(server: LoraServer, body) -> None:
                        f"got {body.max_tokens}.")
 
 
+PROBE_CHARS_PER_TOKEN = 16  # a prefix this many chars per allowed token: ~4x English's
+PROBE_SLACK = 8  # tokens a cut may add or lose at its edge (a run of spaces, a special)
+
+
+def refuse_if_surely_too_long(server: LoraServer, text: str) -> None:
+    """Refuse ``text`` from a prefix when that prefix alone is over the context.
+
+    Tokenizing a 4 MB prompt takes seconds of CPU; a prompt that long is refused
+    anyway, so its first ``(context + 1) * 16`` characters are tokenized first.
+    The prefix ends at a whitespace, where every pre-tokenizer in use splits
+    (WordPiece, byte-level BPE, Metaspace), so its tokens are the first tokens
+    of the whole text: more than the context there means more in the whole.
+    Otherwise (a short text, or no whitespace to cut at) nothing is decided
+    here and the whole text is tokenized and checked exactly.
+    """
+    limit = server.served.context
+    chars = (limit + 1) * PROBE_CHARS_PER_TOKEN
+    if len(text) <= chars:
+        return
+    cut = max(text.rfind(ws, chars // 2, chars) for ws in " \n\t")
+    if cut < 0:
+        return
+    count = len(server.served.tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+    if count > limit + PROBE_SLACK:
+        raise LoralabError(f"The model's context length is {limit} tokens, but the prompt has "
+                           f"more than {count - PROBE_SLACK} tokens in its first {cut} "
+                           f"characters (of {len(text)}).", hint="Shorten the prompt.")
+
+
 def _completion_rows(server: LoraServer, body: CompletionRequest, entry: Entry):
     """Tokenized, length-checked rows (runs on a worker thread: it grows with the prompt)."""
     tok = server.served.tokenizer
@@ -241,6 +270,7 @@ def _completion_rows(server: LoraServer, body: CompletionRequest, entry: Entry):
     max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
     rows = []
     for prompt in prompts:
+        refuse_if_surely_too_long(server, prompt)
         ids = encode_prompt(tok, prompt)
         check_context(server.served.model, len(ids), max_tokens)
         rows.append(GenerationRequest(ids, _sampling(body, max_tokens), entry.adapter))
@@ -249,6 +279,9 @@ def _completion_rows(server: LoraServer, body: CompletionRequest, entry: Entry):
 
 def _chat_rows(server: LoraServer, body: ChatRequest, entry: Entry):
     """As :func:`_completion_rows`, for a conversation."""
+    for message in body.messages:  # user and system text appear whole in the conversation
+        if message.role != "assistant":  # (templates may cut past answers: Qwen3's thinking)
+            refuse_if_surely_too_long(server, message.content)
     ids = encode_chat(server.served.tokenizer, [m.model_dump() for m in body.messages])
     room = server.served.context - len(ids)
     max_tokens = body.max_tokens or max(1, min(CHAT_MAX_TOKENS, room))
@@ -366,6 +399,8 @@ def add_generation_routes(app: FastAPI, server: LoraServer) -> None:
 
 def _classify_inputs(server: LoraServer, body: ClassifyRequest) -> list[list[int]]:
     texts = [body.input] if isinstance(body.input, str) else body.input
+    for text in texts:
+        refuse_if_surely_too_long(server, text)
     ids = [list(server.served.tokenizer(t)["input_ids"]) for t in texts]
     for row in ids:
         if not row:
