@@ -76,13 +76,17 @@ def detect_mapping(fields: list[str], options=None, source: str = "the data") ->
     pair = next(((p, r) for p, r in PAIRS if p in fields and r in fields
                  and (prompt in (None, p)) and (response in (None, r))), None)
     if prompt or response:
+        if prompt:
+            _require(prompt, fields, "--prompt-field", source)
+        if response:
+            _require(response, fields, "--response-field", source)
         prompt, response = prompt or (pair or (None, None))[0], response or (pair or (None,))[-1]
         if not (prompt and response):
-            raise LoralabError("--prompt-field and --response-field go together here: no "
-                               "known pair of field names completes the one given.",
-                               hint="Fix: pass both.")
-        _require(prompt, fields, "--prompt-field", source)
-        _require(response, fields, "--response-field", source)
+            from loralab.data.sources import fields_found
+
+            raise LoralabError(f"--{'response' if prompt else 'prompt'}-field is needed too: no "
+                               f"known pair of names completes the one given (fields found: "
+                               f"{fields_found(fields)}).", hint="Fix: pass both.")
         pair = (prompt, response)
     if pair is None:
         return None
