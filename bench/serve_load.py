@@ -4,6 +4,7 @@
     .venv/bin/python bench/serve_load.py --model smollm2-135m --requests 200 --max-tokens 8
     .venv/bin/python bench/serve_load.py --max-batch 16 --threads 2   # torch threads
     .venv/bin/python bench/serve_load.py --loop-vs-generate           # decoding loop only
+    .venv/bin/python bench/serve_load.py --requests 100 --max-batch 16 --hostile 50
 
 What it does, on loopback only, bounded in count and time:
 
@@ -19,6 +20,11 @@ What it does, on loopback only, bounded in count and time:
    then a3 answers 404, and a4 answers correctly;
 4. checks every answer against the offline one and reports p50/p99 latency and
    requests/s. Any lost, failed or wrong answer makes the exit code 1.
+
+With ``--hostile N``, N malformed requests (strict-type, range, surrogate, NaN,
+a 2 MB prompt, NUL and 10,000-character adapter paths, a JSON string body,
+broken JSON) are fired with the burst; each must get a 4xx, never a 5xx or a
+dropped connection, and the good answers must still all be right.
 """
 
 from __future__ import annotations
@@ -160,7 +166,34 @@ async def swap_adapters(client, a4: Path, texts: list[str], max_tokens: int) -> 
     return info
 
 
-async def drive(url: str, a4: Path, texts: list[str], n: int, max_tokens: int) -> dict:
+# Malformed requests mixed into the burst with --hostile N (cycled): each must
+# get a 4xx while the good requests around it still answer correctly.
+HOSTILE = [
+    ("/v1/completions", b'{"model": "a1", "prompt": "x", "stream": "yes"}'),
+    ("/v1/completions", b'{"model": "a1", "prompt": "x", "seed": 9223372036854775808}'),
+    ("/v1/completions", b'{"model": "a1", "prompt": "\\ud800"}'),
+    ("/v1/completions", b'{"model": "a1", "prompt": "x", "top_p": NaN}'),
+    ("/v1/completions", b'{"model": "a1", "prompt": "' + b"refund my order " * 131_072 + b'"}'),
+    ("/v1/chat/completions", b'{"model": "a2", "messages": [{"role": "robot", "content": 1}]}'),
+    ("/v1/adapters", b'{"name": "x", "path": "a\\u0000b"}'),
+    ("/v1/adapters", b'{"name": "x", "path": "' + b"p" * 10_000 + b'"}'),
+    ("/v1/completions", b'"hello"'),
+    ("/v1/completions", b'{"model": "a1", "prompt": '),
+]
+
+
+async def hostile(client, i: int) -> dict:
+    path, body = HOSTILE[i % len(HOSTILE)]
+    try:
+        r = await client.post(path, content=body, headers={"content-type": "application/json"})
+        status = r.status_code
+    except Exception:  # noqa: BLE001 - a dropped connection is a result
+        status = 0
+    return {"case": i % len(HOSTILE), "status": status}
+
+
+async def drive(url: str, a4: Path, texts: list[str], n: int, max_tokens: int,
+                n_hostile: int = 0) -> dict:
     import httpx
 
     # a fresh connection per request: reusing one that the server's keep-alive
@@ -170,11 +203,13 @@ async def drive(url: str, a4: Path, texts: list[str], n: int, max_tokens: int) -
         start = time.perf_counter()
         tasks = [asyncio.create_task(one(client, ("a1", "a2", "a3")[i % 3], i % len(texts),
                                          texts[i % len(texts)], max_tokens)) for i in range(n)]
+        bad = [asyncio.create_task(hostile(client, i)) for i in range(n_hostile)]
         while sum(t.done() for t in tasks) < n // 3:
             await asyncio.sleep(0.005)
         swap = await swap_adapters(client, a4, texts, max_tokens)
         results = await asyncio.gather(*tasks)
-    return {"start": start, "results": results, "swap": swap}
+        hostile_results = await asyncio.gather(*bad)
+    return {"start": start, "results": results, "swap": swap, "hostile": hostile_results}
 
 
 def summarize(run: dict, answers: dict) -> dict:
@@ -192,23 +227,28 @@ def summarize(run: dict, answers: dict) -> dict:
             "a3_in_flight_at_unload": in_flight, "load_status": swap["load_status"],
             "load_s": swap["load_s"], "unload_status": swap["unload_status"],
             "unload_s": swap["unload_s"], "a4_correct": f"{a4_ok}/{len(swap['a4'])}",
-            "a3_after_unload": swap["a3_after"]}
+            "a3_after_unload": swap["a3_after"],
+            "hostile": len(run["hostile"]),
+            "hostile_4xx": sum(400 <= h["status"] < 500 for h in run["hostile"]),
+            "hostile_5xx_or_lost": sum(not 400 <= h["status"] < 500 for h in run["hostile"])}
 
 
 def passed(s: dict) -> bool:
     return (s["answered"] == s["correct"] == s["requests"] and s["load_status"] == 200
             and s["unload_status"] == 200 and s["a3_after_unload"] == 404
+            and s["hostile_5xx_or_lost"] == 0
             and s["a4_correct"].split("/")[0] == s["a4_correct"].split("/")[1])
 
 
 def table(rows: list[dict]) -> str:
     head = ("| max batch | answered | correct | p50 s | p99 s | req/s | a3 in flight at unload "
-            "| load a4 s | unload a3 s | a4 correct | a3 after |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "| load a4 s | unload a3 s | a4 correct | a3 after | hostile 4xx | 5xx/lost |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['max_batch']} | {r['answered']}/{r['requests']} | {r['correct']} | "
              f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['req_per_s']:.1f} | "
              f"{r['a3_in_flight_at_unload']} | {r['load_s']:.2f} | {r['unload_s']:.2f} | "
-             f"{r['a4_correct']} | {r['a3_after_unload']} |" for r in rows]
+             f"{r['a4_correct']} | {r['a3_after_unload']} | {r['hostile_4xx']}/{r['hostile']} | "
+             f"{r['hostile_5xx_or_lost']} |" for r in rows]
     return "\n".join([head, *lines])
 
 
@@ -243,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch", default="1,8,16", help="server settings to compare")
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
+    ap.add_argument("--hostile", type=int, default=0,
+                    help="malformed requests fired with the burst (each must get a 4xx)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per server run")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--loop-vs-generate", action="store_true",
@@ -280,7 +322,8 @@ def run_one(model, adapters, root: Path, max_batch: int, texts, answers, args) -
     log = root / f"server-{max_batch}.log"
     try:
         run = asyncio.run(asyncio.wait_for(
-            drive(url, adapters["a4"], texts, args.requests, args.max_tokens), args.timeout))
+            drive(url, adapters["a4"], texts, args.requests, args.max_tokens, args.hostile),
+            args.timeout))
     except BaseException:
         print(f"server log ({log}):\n" + log.read_text()[-4000:], file=sys.stderr)
         raise
