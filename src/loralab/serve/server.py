@@ -62,9 +62,11 @@ class ServeConfig:
         if self.threads is None:
             self.threads = default_threads()
         if self.threads < 1:
-            raise LoralabError(f"--threads must be at least 1, got {self.threads}.")
+            raise LoralabError(f"--threads must be at least 1, got {self.threads}.",
+                               hint="Fix: leave it out (all cores but one) or pass 1 or more.")
         if self.api_key is not None and not self.api_key.strip():
-            raise LoralabError("--api-key is empty.", hint="Give a non-empty key or leave it out.")
+            raise LoralabError("--api-key is empty.",
+                               hint="Fix: give a non-empty key or leave it out.")
         if self.api_key is None and not self.insecure_no_auth and not is_loopback(self.host):
             raise LoralabError(
                 f"refusing to serve on {self.host} without --api-key: anyone who can reach "
@@ -164,7 +166,7 @@ class LoraServer:
         try:
             entry = self.registry.reserve(name)
         except ApiError as err:
-            raise LoralabError(err.message) from err
+            raise LoralabError(err.message, hint="Fix: give each --adapter its own name.") from err
         try:
             self.served.add_adapter(name, info)
         except BaseException:
