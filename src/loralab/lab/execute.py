@@ -22,7 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from loralab.io import atomic_write_json, atomic_write_text
+from loralab.io import atomic_write_json, atomic_write_text, remove_stale_temps
 from loralab.lab import fmt
 from loralab.lab import results as R
 from loralab.lab.environment import environment
@@ -163,17 +163,14 @@ def write_outputs(plan: Plan, rows: list[dict], env: dict, generations: list[dic
 def preflight(plan: Plan) -> None:
     """Before any run starts: the data reads (a missing file is one error line,
     not a failed row in a report), the output is writable and its disk holds every
-    run's artifacts plus the largest run's checkpoints; removes temporaries that
-    killed runs left in the output."""
+    run's artifacts plus the largest run's checkpoints."""
     from loralab.data.dataset import prepare_data
-    from loralab.io import check_free_space, check_writable, remove_stale_temps
+    from loralab.io import check_free_space, check_writable
     from loralab.train.preflight import disk_plan
 
     first = plan.configs[plan.runs[0].name]
     prep = prepare_data(first)
     check_writable(plan.output)
-    if plan.output.is_dir():
-        remove_stale_temps(plan.output, depth=2)
     labels = len(prep.label_map.labels) if prep.label_map else 2
     disks = [disk_plan(plan.configs[spec.name], labels) for spec in plan.runs]
     if all(d is not None for d in disks):
@@ -186,6 +183,7 @@ def execute(plan: Plan, *, overwrite: bool = False, console: Console | None = No
     console = console or Console()
     preflight(plan)
     state = open_output(plan, overwrite)
+    remove_stale_temps(plan.output, depth=2)  # what killed runs left (a loralab dir now)
     env = environment()
     names = [spec.name for spec in plan.runs]
     shared = plan.shared()
