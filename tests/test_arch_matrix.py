@@ -61,8 +61,8 @@ def root(tmp_path_factory):
 def data(root):
     d = root / "data"
     d.mkdir()
-    text = " ".join(t for t, _ in class_rows(40, seed=2))
-    (d / "text.txt").write_text("\n\n".join([text[:400], text[400:800], text[800:]]))
+    docs = [" ".join(t for t, _ in class_rows(6, seed=s)) for s in (2, 3, 4)]
+    (d / "text.txt").write_text("\n\n".join(docs))  # three documents, ~150 tokens
     return {"classify": (write_csv(d / "c.csv", class_rows(24)),
                          write_csv(d / "c_eval.csv", class_rows(9, seed=1))),
             "sft": (write_jsonl(d / "s.jsonl", sft_records(16)),
@@ -148,7 +148,8 @@ def test_every_command(arch, root, data, matrix, capsys):
     adapters = {k: v for k, v in (("clf", clf), ("gen", gen)) if (v / "adapter").is_dir()}
     row.run("eval", lambda: bool(adapters) and all(
         cli("eval", "--model", model, "--adapter", a, "--data", data[t][1], "--json") == 0
-        for t, a in (("classify", clf), ("sft", gen)) if (a / "adapter").is_dir()))
+        for t, a in (("classify", clf), ("sft", gen), ("lm", runs / "lm-lora"))
+        if (a / "adapter").is_dir()))
     row.run("merge", lambda: bool(adapters) and all(
         cli("merge", "--adapter", a, "--output", runs / f"merged-{k}") == 0
         and (runs / f"merged-{k}" / "config.json").is_file() for k, a in adapters.items()))
