@@ -51,7 +51,7 @@ def write(path, records):
 @pytest.mark.parametrize("name", ["d.csv", "d.tsv", "d.json", "d.jsonl", "d.parquet", "d_dir"])
 def test_every_format_reads_the_same_records(tmp_path, name):
     path = write(tmp_path / name, [{"prompt": p, "answer": r} for p, r in PAIRS])
-    convs, mapping = read_sft(str(path))
+    convs, mapping, _ = read_sft(str(path))
     assert convs == EXPECTED and (mapping.prompt, mapping.response) == ("prompt", "answer")
     assert infer_task(str(path)) == "sft"
 
@@ -75,18 +75,27 @@ SHAPES = {
 def test_every_record_shape_is_detected(tmp_path, shape):
     path = write_jsonl(tmp_path / "d.jsonl", SHAPES[shape])
     assert infer_task(str(path)) == "sft"
-    convs, mapping = read_sft(str(path))
+    convs, mapping, _ = read_sft(str(path))
     assert convs == EXPECTED, mapping.describe()
 
 
 def test_alpaca_input_and_a_system_field_join_the_prompt(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"system": "be brief", "instruction": "add", "input": "2 and 3", "output": "5"}])
-    (conv,), mapping = read_sft(str(path))
+    (conv,), mapping, _ = read_sft(str(path))
     assert conv == [{"role": "system", "content": "be brief"},
                     {"role": "user", "content": "add\n\n2 and 3"},
                     {"role": "assistant", "content": "5"}]
     assert "context 'input'" in mapping.describe()
+
+
+def test_records_without_a_response_are_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", SHAPES["alpaca"] + [
+        {"instruction": "standardize the date", "input": "", "output": ""}])
+    convs, _, skipped = read_sft(str(path))
+    assert convs == EXPECTED and skipped == 1
+    with pytest.raises(LoralabError, match="no record .* has a response"):
+        read_sft(str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "completion": " "}])))
 
 
 def test_fields_named_by_the_user(tmp_path):

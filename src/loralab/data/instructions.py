@@ -8,6 +8,7 @@ Every record becomes a conversation ending in the assistant turn to learn;
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from loralab.data.fields import Mapping, detect_mapping, option
 from loralab.data.prompts import instruction_messages
@@ -51,8 +52,10 @@ def _field(record: dict, name: str, where: str):
     return record[name]
 
 
-def to_conversation(record: dict, index: int, source: str, mapping: Mapping) -> list[dict]:
-    """One record -> messages ending with the assistant response to learn."""
+def to_conversation(record: dict, index: int, source: str,
+                    mapping: Mapping) -> list[dict] | None:
+    """One record -> messages ending with the assistant response to learn; None
+    when the record has no response (empty, or a conversation ending on the user)."""
     where = f"{source} record {index + 1}"
     if mapping.messages:
         messages = _messages(_field(record, mapping.messages, where), where)
@@ -68,9 +71,7 @@ def to_conversation(record: dict, index: int, source: str, mapping: Mapping) -> 
             messages = [{"role": "system", "content": str(system)}] + messages
         messages += _turns(_field(record, mapping.response, where), "assistant", where)
     if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise LoralabError(f"{where} has no response: the last turn must be a non-empty "
-                           f"assistant turn ({mapping.describe()}).",
-                           hint="Fix: add the response or remove the record.")
+        return None
     return messages
 
 
@@ -86,14 +87,28 @@ def find_mapping(recs: Records, options=None) -> Mapping:
     return mapping
 
 
-def read_sft(data: str, options=None) -> tuple[list[list[dict]], Mapping]:
-    """Every record of ``data`` as a conversation, and the field mapping used."""
+class SftData(NamedTuple):
+    conversations: list[list[dict]]
+    mapping: Mapping
+    skipped: int  # records without a response to learn
+
+
+def read_sft(data: str, options=None) -> SftData:
+    """Every record of ``data`` with a response, as a conversation; the field
+    mapping used; how many records had no response (real sets have some:
+    4 of Alpaca's first 2,000 have an empty output)."""
     recs = read_records(data, option(options, "data_split"), option(options, "data_config"))
     if not recs.rows:
         raise LoralabError(f"{data} holds no records.", hint="Fix: give a file with "
                                                              "instruction data.")
     mapping = find_mapping(recs, options)
-    return [to_conversation(r, i, data, mapping) for i, r in enumerate(recs.rows)], mapping
+    convs = [to_conversation(r, i, data, mapping) for i, r in enumerate(recs.rows)]
+    kept = [c for c in convs if c is not None]
+    if not kept:
+        raise LoralabError(f"no record of {data} has a response ({mapping.describe()}).",
+                           hint="Fix: the last turn of each record must be a non-empty "
+                                "assistant turn.")
+    return SftData(kept, mapping, len(convs) - len(kept))
 
 
 def read_conversations(path: str | Path, options=None) -> list[list[dict]]:
