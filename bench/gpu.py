@@ -14,6 +14,9 @@ attention and gradient clipping at 1.0.
   runs them.
 - HF: ``Trainer`` + ``peft.get_peft_model`` (adapters kept in the model's dtype,
   as loralab's are).
+- TRL: ``SFTTrainer`` on the same peft model, where ``trl`` and ``datasets``
+  import (``bench/gpu_prepare.sh`` fetches their wheels); TRL casts QLoRA
+  adapters to bf16 itself (the QLoRA paper's recipe), as its users get.
 
 Reported per row: tokens/s over the timed steps (after warm-up steps), MFU,
 peak allocated/reserved GPU memory, and ``loralab estimate``'s prediction for
@@ -24,7 +27,7 @@ multiply activations (every linear layer, the output head included; not the
 embedding lookup), plus attention 12·L·T·d (QK^T and AV forward and backward,
 no causal discount), over the GPU's dense bf16 peak.
 
-    python bench/gpu.py                 # on a GPU: ~5 min on an H100/H200
+    python bench/gpu.py                 # on a GPU: a few minutes on an H100/H200
     python bench/gpu.py --dry-run       # CPU, tiny shapes, fp32: every code path
 
 The rows are written as JSON (``$OUT/gpu-<date>.json`` when ``OUT`` is set,
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -91,7 +95,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 PLAN = [("llama-3.2-1b", "lora"), ("llama-3.1-8b", "lora"), ("llama-3.2-1b", "qlora"),
         ("llama-3.1-8b", "qlora"), ("llama-3.2-1b", "full"), ("qwen3-0.6b", "lora"),
         ("qwen3-0.6b", "qlora")]
-SIDES = ("loralab", "hf_peft")
+SIDES = ("loralab", "hf_peft", "trl")  # trl: only where trl and datasets import
 RANK, ALPHA = 16, 32
 LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}
 # Dense bf16 tensor-core peak, TFLOP/s, by vendor datasheet (no sparsity). Order
@@ -419,12 +423,10 @@ class _Rows:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def run_hf(model, data, method: str, batch: int, s: Settings, tmp: Path) -> dict:
-    """HF Trainer + peft, same rows, batch, precision, optimizer and clipping."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+def _clock(s: Settings):
+    """A Trainer callback that notes the time after the warm-up and the last step."""
+    from transformers import TrainerCallback
 
-    model = peft_model(model, method)
     total = s.warmup + s.steps
 
     class Clock(TrainerCallback):
@@ -436,21 +438,28 @@ def run_hf(model, data, method: str, batch: int, s: Settings, tmp: Path) -> dict
                 setattr(self, "t0" if state.global_step == s.warmup else "t1",
                         time.perf_counter())
 
-    clock = Clock()
-    args = TrainingArguments(
-        output_dir=str(tmp / "hf"), per_device_train_batch_size=batch, max_steps=total,
-        learning_rate=LR[method], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", bf16=not s.dry_run,
-        use_cpu=s.device == "cpu", logging_steps=total, logging_first_step=True,
-        save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0, seed=s.seed, data_seed=s.seed)
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(data),
-                      data_collator=default_data_collator, callbacks=[clock])
+    return Clock()
+
+
+def trainer_args(cls, method: str, batch: int, s: Settings, tmp: Path, **extra):
+    """The same settings for HF's Trainer and TRL's SFTTrainer (``cls``: their
+    arguments class): batch, steps, lr, fused AdamW, clipping, bf16, no eval."""
+    total = s.warmup + s.steps
+    return cls(output_dir=str(tmp / cls.__name__), per_device_train_batch_size=batch,
+               max_steps=total, learning_rate=LR[method], lr_scheduler_type="constant",
+               warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",
+               bf16=not s.dry_run, use_cpu=s.device == "cpu", logging_steps=total,
+               logging_first_step=True, save_strategy="no", eval_strategy="no", report_to=[],
+               disable_tqdm=True, dataloader_num_workers=0, seed=s.seed, data_seed=s.seed,
+               gradient_checkpointing=False, **extra)
+
+
+def train_hf_like(trainer, clock, model, batch: int, s: Settings) -> dict:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     for quiet in (PrinterCallback, ProgressCallback):  # one line per row is ours to print
         trainer.remove_callback(quiet)
     trainer.train()
-    if s.warmup == 0:
-        raise LoralabError("--warmup 0 leaves HF's first step untimed.", hint="Fix: --warmup 1+.")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = [p for p in model.parameters() if p.requires_grad]
     out = {"tokens": s.steps * batch * s.seq, "seconds": clock.t1 - clock.t0,
@@ -460,6 +469,60 @@ def run_hf(model, data, method: str, batch: int, s: Settings, tmp: Path) -> dict
            "trainable_dtype": adapter_dtypes(model)}
     trainer.accelerator.free_memory()
     return out
+
+
+def run_hf(model, data, method: str, batch: int, s: Settings, tmp: Path) -> dict:
+    """HF Trainer + peft, same rows, batch, precision, optimizer and clipping."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    model = peft_model(model, method)
+    clock = _clock(s)
+    trainer = Trainer(model=model, args=trainer_args(TrainingArguments, method, batch, s, tmp),
+                      train_dataset=_Rows(data), data_collator=default_data_collator,
+                      callbacks=[clock])
+    return train_hf_like(trainer, clock, model, batch, s)
+
+
+def _byte_tokenizer():
+    """TRL asks for a tokenizer (its pad id); the rows are already token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")),
+                                   pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def run_trl(model, data, method: str, batch: int, s: Settings, tmp: Path) -> dict:
+    """TRL's SFTTrainer on the same peft model and rows (already tokenized, so TRL
+    only truncates to ``max_length``; its collator makes the labels)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = peft_model(model, method)
+    clock = _clock(s)
+    args = trainer_args(SFTConfig, method, batch, s, tmp, max_length=s.seq, packing=False)
+    trainer = SFTTrainer(model=model, args=args, processing_class=_byte_tokenizer(),
+                         train_dataset=Dataset.from_dict({"input_ids": data.input_ids}),
+                         callbacks=[clock])
+    return train_hf_like(trainer, clock, model, batch, s)
+
+
+@functools.cache
+def trl_missing() -> str | None:
+    """Why TRL's side cannot run here (None: it can)."""
+    import importlib.util
+
+    missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed"
+    try:
+        import datasets
+        import trl  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a carried wheel that does not fit the machine
+        return f"trl does not import: {type(err).__name__}: {str(err).splitlines()[0]}"
+    datasets.disable_progress_bars()
+    return None
 
 
 # ---- one row ---------------------------------------------------------------------
@@ -491,9 +554,11 @@ def run_side(side: str, name: str, method: str, batch: int, ctx: dict, s: Settin
         model = None
         try:
             model = build_model(fields, method, s)
+            if s.device == "cuda":  # the peak of training, not of building (bf16 before NF4)
+                torch.cuda.reset_peak_memory_stats()
             rows = packed_rows(data, batch * (s.warmup + s.steps), s.seq)
-            fn = run_loralab if side == "loralab" else run_hf
-            extra = (ctx["tmp"],) if side == "hf_peft" else ()
+            fn = {"loralab": run_loralab, "hf_peft": run_hf, "trl": run_trl}[side]
+            extra = (ctx["tmp"],) if side != "loralab" else ()
             out = fn(model, rows, method, batch, s, *extra)
             out.update(memory_peak(s.device), batch_size=batch, baseline_allocated_bytes=base)
             return out
@@ -561,6 +626,13 @@ def prepare(plan, s: Settings, args, tmp: Path) -> dict:
             "n_matmul": {n: matmul_params(specs[n].model) for n in fields}}
 
 
+def jobs(plan, sides) -> list[tuple[str, str, str]]:
+    """loralab and HF side by side per row, in the plan's order; TRL's rows after
+    all of those, so a run cut short by its time limit loses TRL first."""
+    pairs = [(n, m, side) for n, m in plan for side in sides if side != "trl"]
+    return pairs + [(n, m, "trl") for n, m in plan if "trl" in sides]
+
+
 def run(plan, s: Settings, args, out_path: Path, argv: list[str]) -> dict:
     env = environment(s, argv)
     started = time.perf_counter()
@@ -569,16 +641,17 @@ def run(plan, s: Settings, args, out_path: Path, argv: list[str]) -> dict:
         ctx["env"] = env
         result = {"environment": env, "data": ctx["data_source"], "notes": ctx["notes"],
                   "rows": []}
-        for name, method in plan:
-            for side in args.sides:
-                if time.perf_counter() - started > s.time_limit:
-                    result["rows"].append({"model": name, "method": method, "side": side,
-                                           "status": "skipped", "error": "time limit"})
-                    continue
-                row = row_result(side, name, method, ctx, s)
-                result["rows"].append(row)
-                print(progress_line(row), flush=True)
-                write_json(out_path, result)  # a run cut short keeps what it measured
+        for name, method, side in jobs(plan, args.sides):
+            why = "time limit" if time.perf_counter() - started > s.time_limit else (
+                trl_missing() if side == "trl" else None)
+            if why:
+                result["rows"].append({"model": name, "method": method, "side": side,
+                                       "status": "skipped", "error": why})
+                continue
+            row = row_result(side, name, method, ctx, s)
+            result["rows"].append(row)
+            print(progress_line(row), flush=True)
+            write_json(out_path, result)  # a run cut short keeps what it measured
     result["wall_seconds"] = time.perf_counter() - started
     write_json(out_path, result)
     return result
@@ -594,10 +667,12 @@ def progress_line(row: dict) -> str:
 
 
 def write_json(path: Path, result: dict) -> None:
-    from loralab.io import atomic_write_json
+    """The JSON and its Markdown table, rewritten after every row."""
+    from loralab.io import atomic_write_json, atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)
+    atomic_write_text(path.with_suffix(".md"), markdown(result))
 
 
 # ---- the Markdown table -----------------------------------------------------------
@@ -631,20 +706,21 @@ def markdown(result: dict) -> str:
             f"{env['peft']}, bitsandbytes {env['bitsandbytes']}; {env['date']}; data: "
             f"{result['data']}; `{env['command']}`")
     columns = ("| model | method | batch x seq | loralab tok/s | HF+peft tok/s | loralab / HF | "
-               "MFU loralab / HF | peak alloc / reserved, loralab | same, HF | estimate "
-               "(vs loralab alloc) |")
-    lines = [head, "", columns, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+               "TRL tok/s | MFU loralab / HF | peak alloc / reserved, loralab | same, HF | "
+               "estimate (vs loralab alloc) |")
+    lines = [head, "", columns, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = list(dict.fromkeys((r["model"], r["method"]) for r in result["rows"]))
     for name, method in keys:
         sides = {r["side"]: r for r in result["rows"] if (r["model"], r["method"]) == (name, method)}
-        ours, hf = sides.get("loralab"), sides.get("hf_peft")
-        lines.append(table_row(name, method, ours, hf))
+        lines.append(table_row(name, method, sides.get("loralab"), sides.get("hf_peft"),
+                               sides.get("trl")))
     for text in result["notes"]:
         lines.append(f"\nNote: {text}")
     return "\n".join(lines) + "\n"
 
 
-def table_row(name: str, method: str, ours: dict | None, hf: dict | None) -> str:
+def table_row(name: str, method: str, ours: dict | None, hf: dict | None,
+              trl: dict | None) -> str:
     ok = [r for r in (ours, hf) if r and r.get("status") == "ok"]
     shape = f"{ok[0]['batch_size']} x {ok[0]['seq_len']}" if ok else "-"
     ratio = "-"
@@ -658,7 +734,8 @@ def table_row(name: str, method: str, ours: dict | None, hf: dict | None) -> str
         err = ours.get("estimate_error_percent")
         est = _gib(ours["estimate_bytes"]) + (f" ({err:+.1f} %)" if err is not None else "")
     return (f"| {name} | {method} | {shape} | {_cell(ours, 'tokens_per_second', '{:,.0f}')} | "
-            f"{_cell(hf, 'tokens_per_second', '{:,.0f}')} | {ratio} | {mfu} | "
+            f"{_cell(hf, 'tokens_per_second', '{:,.0f}')} | {ratio} | "
+            f"{_cell(trl, 'tokens_per_second', '{:,.0f}')} | {mfu} | "
             f"{_mem(ours) if ours and ours.get('status') == 'ok' else '-'} | "
             f"{_mem(hf) if hf and hf.get('status') == 'ok' else '-'} | {est} |")
 
@@ -728,9 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoralabError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    table = markdown(result)
-    path.with_suffix(".md").write_text(table, encoding="utf-8")
-    print(table)
+    print(markdown(result))
     print(f"wrote {path} and {path.with_suffix('.md')} ({result['wall_seconds']:.0f} s)")
     return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
 

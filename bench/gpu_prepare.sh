@@ -17,6 +17,15 @@ if [ "$kernels" -lt 1 ]; then
 fi
 echo "gpu_prepare: $wheel: $kernels CUDA kernel libraries:" \
   "$(unzip -l "$wheel" | grep -o 'libbitsandbytes_cuda[0-9]*' | sed 's/libbitsandbytes_//' | tr '\n' ' ')"
+# TRL's SFTTrainer side: trl and datasets with the two of their needs the GPU
+# image lacks (its python is 3.12: multiprocess ships one wheel per version)
+TRL_PKGS=${TRL_PKGS:-"trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"}
+if [ -n "$TRL_PKGS" ]; then
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl/ $TRL_PKGS \
+    || echo "gpu_prepare: TRL wheels not fetched: the TRL side will be skipped"
+fi
 data=../shared/datasets/alpaca/alpaca_data_first2000.json
 if [ -f "$data" ]; then
   cp "$data" .whl/
