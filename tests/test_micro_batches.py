@@ -108,3 +108,19 @@ def test_metrics_report_passes_and_padding(tmp_path):
     assert m["micro_batch_tokens"] == 4 * 128
     assert 1 <= m["micro_batches_per_step"] < 4
     assert m["padded_tokens"] >= m["train_tokens"] > 0
+
+
+def test_expected_time_is_printed_early_and_close_to_the_measured(tmp_path, capsys):
+    """The forecast after the first steps is within a factor of 2 of the
+    measured training time (a tiny model: a correctness bound, not speed)."""
+    import json
+
+    model = save_tiny(tmp_path, "bert")
+    data = write_csv(tmp_path / "d.csv", class_rows(120))
+    capsys.readouterr()
+    assert cli("train", "--model", model, "--data", data, "--batch-size", "4", "--max-steps",
+               "24", "--output", tmp_path / "run", "--eval-every", "100") == 0
+    err = capsys.readouterr().err
+    assert "expected training time:" in err and "for 24 steps" in err
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.5 <= m["expected_train_seconds"] / m["train_seconds"] <= 2.0

@@ -57,6 +57,7 @@ class LoopState:
     # the checkpoint so a resumed run logs the same averages as an unbroken one
     window: list = field(default_factory=lambda: [0.0, 0])
     micro_batches: int = 0  # forward/backward passes run (this rank)
+    expected_train_seconds: float | None = None  # forecast from the first timed steps
     padded_tokens: int = 0  # tokens in the padded micro-batches, all ranks
 
 
@@ -232,6 +233,7 @@ class Loop:
                 if s.step_in_epoch == len(steps):
                     s.epoch, s.step_in_epoch = s.epoch + 1, 0
                 s.train_seconds = time.perf_counter() - t0
+                self._forecast(reporter)
                 record = None
                 if s.step % cfg.log_every == 0 or s.step in (1, self.total_steps):
                     record = self._log_record(window, t0)
@@ -244,6 +246,29 @@ class Loop:
                     window.t += time.perf_counter() - t_eval  # tokens/s: training time only
                 if s.step >= self.total_steps:
                     break
+
+    # The first step pays one-off costs (allocator growth, kernel selection,
+    # lazy imports), so the rate is timed over the next FORECAST_STEPS - 1.
+    FORECAST_STEPS = 4
+
+    def _forecast(self, reporter: Reporter) -> None:
+        """Once, after the first few steps: the expected training time, printed
+        before the user commits to the whole run, and kept for metrics.json."""
+        s, first = self.state, getattr(self, "_first_step", None)
+        if s.expected_train_seconds is not None or s.step >= self.total_steps:
+            return
+        if first is None:
+            self._first_step = (s.step, s.train_seconds)
+            return
+        done = s.step - first[0]
+        if done < self.FORECAST_STEPS - 1:
+            return
+        rate = (s.train_seconds - first[1]) / done  # seconds per step
+        s.expected_train_seconds = s.train_seconds + rate * (self.total_steps - s.step)
+        if self.is_main and not self.cfg.quiet:
+            reporter.note(f"expected training time: {_duration(s.expected_train_seconds)} for "
+                          f"{self.total_steps} steps ({rate:.2f} s/step over steps "
+                          f"{first[0] + 1}-{s.step}; evaluation and saving come on top)")
 
     def _log_record(self, window: _Window, t0: float) -> dict:
         s = self.state
@@ -445,3 +470,11 @@ class _Window:
         out = (self.loss / max(self.steps, 1), self.tokens / max(now - self.t, 1e-9))
         self.loss, self.steps, self.tokens, self.t = 0.0, 0, 0, now
         return out
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"

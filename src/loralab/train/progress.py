@@ -63,6 +63,13 @@ class Reporter:
             text = " ".join(f"{k} {v:.4f}" for k, v in short.items() if k != "n")
             self.bar.console.print(f"step {step}: eval {text}")
 
+    def note(self, text: str) -> None:
+        """One line for the person watching: above the bar, else on stderr."""
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()

@@ -294,6 +294,7 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "train_tokens": s.train_tokens, "tokens_per_second": s.train_tokens / step_seconds,
         "padded_tokens": s.padded_tokens, "micro_batch_tokens": cfg.micro_batch_tokens,
         "micro_batches_per_step": s.micro_batches / max(s.step, 1),
+        "expected_train_seconds": s.expected_train_seconds,
         "steps": s.step, "epochs": s.step / loop.steps_per_epoch,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "world_size": loop.world, "lr": cfg.lr, "seed": cfg.seed,
