@@ -56,10 +56,11 @@ def test_non_utf8_reports_line(bert, tmp_path, capsys):
 
 
 def test_sft_record_without_response(bert, tmp_path, capsys):
-    path = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "say hi", "output": "hi"},
+    # one record without a response is skipped (counted in the log); none left: refused
+    path = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "say hi", "output": " "},
                                               {"instruction": "say bye", "output": ""}])
     err = refused(capsys, tmp_path / "o", "--model", bert, "--data", path)
-    assert "record 2 has no response" in err
+    assert "no response to learn in any record" in err
 
 
 def test_chat_record_must_end_with_assistant(bert, tmp_path, capsys):

@@ -105,7 +105,8 @@ def read_sft(data: str, options=None) -> SftData:
     convs = [to_conversation(r, i, data, mapping) for i, r in enumerate(recs.rows)]
     kept = [c for c in convs if c is not None]
     if not kept:
-        raise LoralabError(f"no record of {data} has a response ({mapping.describe()}).",
+        raise LoralabError(f"{data} has no response to learn in any record "
+                           f"({mapping.describe()}).",
                            hint="Fix: the last turn of each record must be a non-empty "
                                 "assistant turn.")
     return SftData(kept, mapping, len(convs) - len(kept))
