@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from loralab.errors import LoralabError
 from loralab.lora import (
@@ -24,8 +24,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def tiny_moe(seed=0):
+def tiny_moe(seed=0, kind="qwen3_moe"):
     torch.manual_seed(seed)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+            vocab_size=100)).eval()
     cfg = Qwen3MoeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, intermediate_size=64,
                          moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
@@ -62,25 +67,28 @@ def test_experts_are_found_and_identity_at_init():
     assert not any(n.endswith("experts.base_layer.gate_up_proj") for n in trainable)
 
 
-def test_peft_loads_ours_and_we_load_peft(tmp_path):
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_peft_loads_ours_and_we_load_peft(tmp_path, kind):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base = tiny_moe()
+    def moe():
+        return tiny_moe(kind=kind)
+
+    base = moe()
     base.save_pretrained(tmp_path / "base")
     ref = logits(base)
-    ours = randomized(inject_lora(tiny_moe(), LoRAConfig(r=2, alpha=4,
-                                                         target_parameters="experts")))
+    ours = randomized(inject_lora(moe(), LoRAConfig(r=2, alpha=4, target_parameters="experts")))
     out = logits(ours)
     assert not torch.allclose(out, ref, atol=1e-4)
     save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(tmp_path / "base"))
-    theirs = PeftModel.from_pretrained(tiny_moe(), tmp_path / "ours").eval()
+    theirs = PeftModel.from_pretrained(moe(), tmp_path / "ours").eval()
     assert torch.allclose(logits(theirs), out, atol=1e-6)
 
-    peft_model = get_peft_model(tiny_moe(), LoraConfig(
+    peft_model = get_peft_model(moe(), LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
         target_parameters=["experts.gate_up_proj", "experts.down_proj"])).eval()
     peft_model.save_pretrained(tmp_path / "peft")
-    loaded = load_adapter(tiny_moe(), tmp_path / "peft").eval()
+    loaded = load_adapter(moe(), tmp_path / "peft").eval()
     assert torch.allclose(logits(loaded), logits(peft_model), atol=1e-6)
 
 
