@@ -214,7 +214,9 @@ def test_stale_temporaries_are_removed_live_ones_kept(tmp_path):
     (tmp_path / f".checkpoint.old-{gone}").mkdir()  # killed between the renames
     (tmp_path / f".model.tmp-{mine}-live99").mkdir()  # a save under way
     (tmp_path / f".model.tmp-otherhost-{dead.pid}-zz").mkdir()  # not ours to judge
-    assert lio.remove_stale_temps(tmp_path) == 3
+    gguf = lio.owned_temp_path(tmp_path / "model.gguf")  # a one-file writer's temporary
+    gguf.with_name(gguf.name.replace(mine, gone)).write_bytes(b"GGUF")
+    assert lio.remove_stale_temps(tmp_path) == 4
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["checkpoint", f".model.tmp-{mine}-live99",
                             f".model.tmp-otherhost-{dead.pid}-zz"])

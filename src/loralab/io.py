@@ -93,6 +93,13 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 # ---- leftovers of killed processes ------------------------------------------
 
+def owned_temp_path(path: str | os.PathLike) -> Path:
+    """A sibling name for writing ``path`` before renaming it into place, that
+    :func:`remove_stale_temps` recognises once its owner is dead."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{_owner_tag()}")
+
+
 def stale_temp(path: Path) -> bool:
     """True if ``path`` is a temporary of this module whose owner (on this host)
     is dead."""
