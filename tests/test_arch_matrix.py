@@ -258,9 +258,10 @@ def _serve_probs(model, adapter, texts) -> list[list[float]]:
     return [[row["probabilities"][x] for x in LABELS] for row in r.json()["data"]]
 
 
-def test_moe_experts_adapter_loads_in_peft(root, data, tmp_path):
+def test_moe_experts_adapter_loads_in_peft(root, data, tmp_path, capsys):
     """LoRA on Qwen3-MoE's fused 3-D expert weights (--target-parameters experts):
-    peft loads the adapter with the same logits, and merge folds it in."""
+    `targets` lists them, peft loads the adapter with the same logits, and merge
+    folds it in."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -269,6 +270,11 @@ def test_moe_experts_adapter_loads_in_peft(root, data, tmp_path):
     from loralab.lora import load_adapter
 
     model = save_arch(root / "models", "qwen3_moe")
+    capsys.readouterr()
+    assert cli("targets", "--model", model, "--rank", 2, "--json") == 0
+    listed = json.loads(capsys.readouterr().out)["target_parameters"]
+    assert [(g["name"], g["lora_per_layer"]) for g in listed] == [
+        ("experts.gate_up_proj", 2 * 4 * (32 + 32)), ("experts.down_proj", 2 * 4 * (16 + 32))]
     run = tmp_path / "run"
     assert train(model, data, run, "sft", "lora", "--target-parameters", "experts",
                  "--max-steps", 2, "--lr", 0.05) == 0

@@ -22,6 +22,7 @@ def cmd(model_name, rank, task, as_json):
 
     from loralab.errors import require
     from loralab.inspect_model import linear_groups, preset_counts
+    from loralab.lora.param import expert_groups
     from loralab.models import build_meta_model, default_task, load_config
 
     require(rank > 0, f"rank must be a positive integer, got {rank}.", "Fix: pass --rank 8.")
@@ -29,10 +30,12 @@ def cmd(model_name, rank, task, as_json):
     task = task or default_task(config)
     model = build_meta_model(config, task, num_labels=2)
     groups, presets = linear_groups(model), preset_counts(model, rank)
+    experts = expert_groups(model, rank)  # MoE: fused 3-D expert weights, not linear layers
     total = sum(p.numel() for p in model.parameters())
     if as_json:
         click.echo(json.dumps({"model": model_name, "task": task, "total_params": total,
-                               "rank": rank, "linear": groups, "presets": presets}, indent=2))
+                               "rank": rank, "linear": groups, "presets": presets,
+                               "target_parameters": experts}, indent=2))
         return
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"{model_name}: linear layers ({type(model).__name__}, "
@@ -55,3 +58,7 @@ def cmd(model_name, rank, task, as_json):
             ptable.add_row(row["preset"], str(row["layers"]), f"{row['params']:,}",
                            f"{row['percent']:.3f}%")
     console.print(ptable)
+    for g in experts:
+        console.print(f"3-D parameter {g['name']} {tuple(g['shape'])} x {g['layers']} layers: "
+                      f"{g['lora_per_layer']:,} LoRA params per layer at r={rank} "
+                      "(--target-parameters experts; not in the presets)")

@@ -233,3 +233,20 @@ def peft_target_parameters(model: nn.Module, targets: dict[str, list[str]]) -> l
     except LoralabError:
         pass
     return sorted(f"{m}.{p}" for m, ps in targets.items() for p in ps)
+
+
+def expert_groups(model: nn.Module, rank: int) -> list[dict]:
+    """The 3-D parameters ``--target-parameters`` can adapt, grouped by name:
+    ``{name: "experts.down_proj", shape: [E, ...], layers, lora_per_layer}``
+    (``loralab targets``; works on a meta-device model)."""
+    groups: dict[str, dict] = {}
+    for module_name, pnames in expert_parameters(model).items():
+        module = model.get_submodule(module_name)
+        module = module.base_layer if isinstance(module, LoRAParam) else module
+        for p in pnames:
+            e, a, b = getattr(module, p).shape  # (E, out, in), or (E, in, out) if transposed
+            key = f"{module_name.rsplit('.', 1)[-1]}.{p}"
+            g = groups.setdefault(key, {"name": key, "shape": [e, a, b], "layers": 0,
+                                        "lora_per_layer": rank * e * (a + b)})
+            g["layers"] += 1
+    return list(groups.values())
