@@ -9,9 +9,9 @@ parameters, e.g. Qwen3-MoE's ``mlp.experts.gate_up_proj`` (E, 2I, H) and
 parameter one ``lora_A`` ``Linear(in, r*E)`` and one ``lora_B``
 ``Linear(r*E, out)``, expert ``e`` using rows/columns ``e*r..(e+1)*r`` of the
 reshaped factors, and the module's forward run on ``W + delta``. This module
-keeps exactly those tensors, so an adapter saved here is one peft loads (the
-key names, with peft's nesting of one wrapper per parameter, are written by
-``adapters.py``).
+keeps exactly those tensors, so an adapter saved here is one peft loads
+(``peft_prefixes`` gives peft's key names, one nested wrapper per parameter;
+``adapters.py`` writes and reads them).
 
 Layout: transformers' experts are (experts, out, in) unless the module says
 ``is_transposed`` (then (experts, in, out)), which is what peft assumes too.
