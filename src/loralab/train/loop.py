@@ -273,6 +273,7 @@ class Loop:
     def _log_record(self, window: _Window, t0: float) -> dict:
         s = self.state
         loss, tps = window.flush()
+        self._check_finite(float(loss), s.step)  # the window's mean: steps since the last line
         s.loss_curve.append([s.step, loss])
         return {"step": s.step, "epoch": round(s.step / self.steps_per_epoch, 4), "loss": loss,
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_second": tps,
@@ -311,7 +312,11 @@ class Loop:
     def _check_finite(self, loss: float, step: int) -> None:
         """Stop at a non-finite loss, before any checkpoint or artifact holds the
         weights that made it. The step's loss is already a host float (the one
-        ``.item()`` per step in ``train_step``), so the check adds no device sync."""
+        ``.item()`` per step in ``train_step``), so the check adds no device sync;
+        a loss left on the device is checked when its log line takes it to the
+        host (and checkpoints refuse non-finite weights in between)."""
+        if isinstance(loss, torch.Tensor):
+            return
         if not math.isfinite(loss):
             raise self.non_finite(f"training loss became {loss}", step)
 
