@@ -57,8 +57,8 @@ def sft_settings(task: str, general_text: str | None) -> str | None:
     if task not in ("sft", "lm"):
         if general_text:
             raise LoralabError("--general-text measures forgetting of causal language models "
-                               "and needs an sft or lm comparison. Drop it, or pass --task sft "
-                               "with instruction data (--task lm with text).")
+                               "and needs an sft comparison (or lm). Drop it, or pass --task "
+                               "sft with instruction data (--task lm with text).")
         return None
     return check_general_text(general_text) if general_text else default_general_text()
 
