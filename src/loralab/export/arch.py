@@ -56,9 +56,9 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _llama_tensor(name: str, w: torch.Tensor, config) -> torch.Tensor:
-    if name.endswith("q_proj.weight"):
+    if name.endswith(("q_proj.weight", "q_proj.bias")):  # rows and biases alike
         return permute_qk(w, config.num_attention_heads)
-    if name.endswith("k_proj.weight"):
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
         return permute_qk(w, config.num_key_value_heads or config.num_attention_heads)
     return w
 
@@ -87,8 +87,10 @@ def _gemma2_params(writer, config) -> None:
             f"but llama.cpp scales queries by 1/sqrt({expected}).",
             hint="Fix: only Gemma 2 configs with query_pre_attn_scalar = head_dim (2B, 9B) "
             "or the 27B layout export faithfully.")
-    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-    writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if config.attn_logit_softcapping is not None:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_sliding_window(config.sliding_window)
 
 

@@ -105,7 +105,8 @@ def _write_verified(writer, plan, model, tok, quant, path: Path, estimate: int, 
         if not result["passed"]:
             raise LoralabError(f"the written file failed its check ({result['criterion']}); "
                                "nothing was kept.",
-                               hint="Fix: report this with the printed figures; try --quant f16.")
+                               hint="Fix: none on your side for f16/bf16 (a conversion bug: "
+                               "report it with the figures above); for q8_0 try f16.")
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -175,8 +175,9 @@ def judge(result: dict, quant: str) -> tuple[bool, str]:
     if quant in LOSSLESS:
         # f16 keeps ~11 significant bits, bf16 ~8: relative error per weight <= 2^-11 / 2^-8
         tol = {"f32": 1e-4, "f16": 1e-2, "bf16": 6e-2}[quant] * max(1.0, result["logit_scale"])
-        ok = result["max_abs_logit_diff"] <= tol and result["top1_agreement"] == 1.0
-        return ok, f"logits equal to {quant} rounding (max diff <= {tol:.2g}), same top-1"
+        # top-1 is reported, not required: two logits closer than the rounding may swap
+        ok = result["max_abs_logit_diff"] <= tol
+        return ok, f"logits equal to {quant} rounding (max diff <= {tol:.2g})"
     if quant == "q8_0":
         return result["greedy_equal"], "greedy continuations equal on the check prompts"
     return True, "perplexity change reported (no pass bar at 4-5 bits)"
