@@ -594,6 +594,8 @@ def finish_row(row: dict, name: str, method: str, ctx: dict, s: Settings) -> dic
     tps = row["tokens"] / max(row["seconds"], 1e-9)
     peak = ctx["env"]["peak_tflops_bf16"]
     measured = row["peak_allocated_bytes"]
+    if measured:  # what an earlier row may have left allocated is not this row's
+        measured -= row.get("baseline_allocated_bytes") or 0
     row.update(tokens_per_second=tps, flops_per_token=flops,
                mfu=tps * flops / (peak * 1e12) if peak else None,
                estimate_bytes=est.bytes["total"],
