@@ -44,6 +44,7 @@ def dry_run(tmp_path_factory):
     return json.loads(path.read_text()), out, path
 
 
+@pytest.mark.slow  # one subprocess: ~40 s of CPU for the whole dry run
 def test_dry_run_has_every_row_and_field(dry_run):
     result, _, _ = dry_run
     assert ENV_FIELDS <= set(result["environment"])
@@ -65,6 +66,7 @@ def test_dry_run_has_every_row_and_field(dry_run):
         assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
 
 
+@pytest.mark.slow  # one subprocess: ~40 s of CPU for the whole dry run
 def test_both_sides_train_the_same_thing(dry_run):
     """Same weights, parameters trained and batch on both sides; losses agree."""
     result, _, _ = dry_run
@@ -84,6 +86,7 @@ def test_both_sides_train_the_same_thing(dry_run):
         assert ours["loss_first"] == pytest.approx(math.log(gpu.TINY["vocab_size"]), rel=0.1)
 
 
+@pytest.mark.slow  # one subprocess: ~40 s of CPU for the whole dry run
 def test_dry_run_writes_the_table_and_logs(dry_run):
     _, out, path = dry_run
     table = path.with_suffix(".md").read_text()
