@@ -130,3 +130,27 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         save_adapter(model, tmp_path / "ad")
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ad"]
+
+
+def test_layers_the_checkpoint_lacked_are_saved_with_the_adapter(tmp_path):
+    """DeBERTa-v2's pooler is not in a bare-backbone checkpoint: loaded as a
+    classifier it starts random beside the head, so an adapter trains and saves
+    both, and every later load answers the same (not a new random pooler)."""
+    from tiny_models import save_arch
+
+    from loralab.lora.adapters import load_base_and_adapter
+    from loralab.models import load_model
+
+    base = save_arch(tmp_path, "deberta-v2")
+    model, tok = load_model(str(base), "classify", num_labels=2)
+    assert set(model.loralab_fresh_modules) == {"classifier", "pooler.dense"}
+    inject_lora(model, LoRAConfig(r=2, alpha=4, task="classify"))
+    assert set(model.loralab_adapters["default"]["modules_to_save"]) == {"classifier",
+                                                                      "pooler.dense"}
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(base))
+    batch = tok(["an invoice error", "the app crashes"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+        again = [load_base_and_adapter(tmp_path / "ad")[0](**batch).logits for _ in range(2)]
+    for out in again:
+        assert torch.allclose(out, expected, atol=1e-6)

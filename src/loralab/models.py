@@ -59,6 +59,17 @@ OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 SEQ_CLS_HEADS = ("classifier", "score")
 
 
+def fresh_modules(missing_keys) -> list[str]:
+    """The modules holding parameters a checkpoint did not have (transformers'
+    ``missing_keys``), outermost first and each covered once."""
+    owners = sorted({k.rsplit(".", 1)[0] for k in missing_keys if "." in k})
+    kept: list[str] = []
+    for name in owners:
+        if not any(name == k or name.startswith(k + ".") for k in kept):
+            kept.append(name)
+    return kept
+
+
 def is_decoder(config) -> bool:
     """A decoder architecture (Llama, GPT-2, ...), whatever head it carries.
 
@@ -398,12 +409,17 @@ def load_model(
             kwargs["label2id"] = {v: k for k, v in id2label.items()}
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
-    model = _from_pretrained(TASK_CLASSES[task], source, name, **kwargs)
+    model, info = _from_pretrained(TASK_CLASSES[task], source, name, output_loading_info=True,
+                                   **kwargs)
+    # Layers the checkpoint lacked start random (a fresh head, DeBERTa's pooler):
+    # an adapter must train and save them, or every load draws new ones.
+    model.loralab_fresh_modules = fresh_modules(info.get("missing_keys") or ())
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     model.loralab_model_name = name  # the name the user gave (alias, dir or hub id)
     if quantize_4bit:
         from loralab.lora.quant import quantize_model_4bit
 
-        quantize_model_4bit(model, compute_dtype=compute_dtype or torch.float32)
+        quantize_model_4bit(model, compute_dtype=compute_dtype or torch.float32,
+                            skip=OUTPUT_HEADS + tuple(model.loralab_fresh_modules))
     return model, tok

@@ -175,10 +175,16 @@ def _names_hint(names: list[str]) -> str:
 
 
 def default_modules_to_save(model: nn.Module, task: str | None) -> list[str]:
+    """What an adapter trains and saves whole: a sequence classifier's head
+    (peft's SEQ_CLS default), plus any layer the checkpoint lacked, which
+    loading initialised at random (e.g. DeBERTa's pooler before its head)."""
     is_seq_cls = task == "classify" or type(model).__name__.endswith("ForSequenceClassification")
-    if not is_seq_cls:
-        return []
-    return [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+    heads = [h for h in SEQ_CLS_HEADS if is_seq_cls and isinstance(getattr(model, h, None),
+                                                                   nn.Module)]
+    for name in getattr(model, "loralab_fresh_modules", ()):
+        if not any(name == h or name.startswith(h + ".") for h in heads):
+            heads.append(name)
+    return heads
 
 
 # Adapter names are keys of the layers' nn.ModuleDicts, which refuse '.'.
