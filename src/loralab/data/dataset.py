@@ -96,6 +96,7 @@ def _prepare_classify(cfg) -> Prepared:
 
 def _prepare_sft(cfg) -> Prepared:
     train, mapping, skipped = read_sft(resolve_data_path(cfg.data), cfg)
+    total = len(train) + skipped
     eval_c = read_sft(resolve_data_path(cfg.eval_data), cfg)[0] if cfg.eval_data else None
     test_c = read_sft(resolve_data_path(cfg.test_data), cfg)[0] if cfg.test_data else None
     train, ev, te = split_conversations(train, cfg.eval_split, cfg.test_split, cfg.seed,
@@ -106,8 +107,9 @@ def _prepare_sft(cfg) -> Prepared:
     prep.notes.append(f"sft data {cfg.data}: {mapping.describe()}.")
     prep.info["skipped_rows"] = skipped
     if skipped:
-        prep.warnings.append(f"{skipped} records of {cfg.data} have no response (empty, or the "
-                             "last turn is not the assistant's) and were skipped.")
+        prep.warnings.append(f"{skipped} of {total} records of {cfg.data} have "
+                             "no response (empty, or the last turn is not the assistant's): "
+                             "skipped.")
     return prep
 
 
