@@ -67,7 +67,7 @@ def test_chunked_equals_plain(arch, method):
     plain = plain_loss_sum(model(input_ids=b["input_ids"],
                                  attention_mask=b["attention_mask"]).logits, b["labels"])
     g_plain = grads(model, plain)
-    chunked = causal_lm_loss_sum(model, b, model, chunk_rows=4)  # 17 label rows: 5 chunks
+    chunked = causal_lm_loss_sum(model, b, model, chunk_rows=4)  # 15 label rows: 4 chunks
     g_chunked = grads(model, chunked)
     # Gemma's RMSNorm computes in float32 even in a float64 model: its gradients
     # carry float32 rounding from the different summation order of the chunks
@@ -89,3 +89,16 @@ def test_unknown_architectures_keep_the_plain_path():
                                     attention_mask=b["attention_mask"]).logits, b["labels"])
     assert torch.allclose(causal_lm_loss_sum(model, b, model), expected)
     assert torch.allclose(causal_lm_loss_sum(model, b, None), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_per_row_eval_sums_equal_the_plain_path(arch):
+    from loralab.train.lm_loss import row_loss_sums
+
+    model = BUILD[arch]().double()
+    b = batch()
+    with torch.no_grad():
+        sums, counts = row_loss_sums(model, b, model)
+        plain_sums, plain_counts = row_loss_sums(model, b, None)
+    assert torch.equal(counts, plain_counts) and counts.tolist() == [6, 6, 3]
+    assert torch.allclose(sums, plain_sums, rtol=1e-6 if arch == "gemma2" else 1e-12)

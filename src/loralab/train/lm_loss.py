@@ -129,3 +129,33 @@ def causal_lm_loss_sum(model, batch: dict, inner, chunk_rows: int | None = None)
     with head_bypassed(inner) as (head, softcap):
         hidden = model(**inputs, use_cache=False).logits  # (B, T, H): the head skipped
     return chunked_loss_sum(hidden, batch["labels"], head, softcap, chunk_rows)
+
+
+def row_loss_sums(model, batch: dict, inner) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss sum, label count)`` per row (B,), for evaluation: the same
+    labelled positions and chunks as training, without the full logits."""
+    labels = batch["labels"]
+    counts = (labels[:, 1:] != IGNORE).sum(-1)  # (B,)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if inner is None or not chunkable(inner):
+        logits = upcast(model(**inputs).logits[:, :-1])  # (B, T-1, V)
+        token = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
+                                reduction="none")  # (B, T-1)
+        return token.sum(-1), counts
+    with head_bypassed(inner) as (head, softcap):
+        hidden = model(**inputs, use_cache=False).logits  # (B, T, H): the head skipped
+    rows, targets = label_positions(hidden, labels)  # (N, H), (N,)
+    owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(
+        labels[:, 1:])[labels[:, 1:] != IGNORE]  # (N,) row of each labelled position
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // int(vocab))
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.promote_types(hidden.dtype,
+                                                                        torch.float32))
+    for start in range(0, rows.shape[0], chunk):
+        part = slice(start, start + chunk)
+        logits = upcast(head(rows[part]))  # (n, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        sums.index_add_(0, owner[part], F.cross_entropy(logits, targets[part],
+                                                         reduction="none").to(sums.dtype))
+    return sums, counts
