@@ -481,3 +481,49 @@ def test_adapter_that_does_not_fit_the_base(models, tok, tmp_path, capsys):
                "--output", tmp_path / "m.gguf") == 2
     assert "does not fit" in _one_line_error(capsys)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_pre_tokenizer_names_llama_cpp_knows():
+    """llama.cpp needs the pre-tokenizer by name; read from the tokenizer's structure."""
+    from loralab.export.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, pre_tokenizer_name
+
+    def seq(*steps):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(steps)}}
+
+    byte_level = {"type": "ByteLevel", "use_regex": False}
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) \
+        == "gpt-2"
+    assert pre_tokenizer_name(seq({"type": "Digits", "individual_digits": True},
+                                  {"type": "ByteLevel", "use_regex": True})) == "smollm"
+    for regex, name in ((_LLAMA3_SPLIT, "llama-bpe"), (_QWEN2_SPLIT, "qwen2")):
+        split = {"type": "Split", "pattern": {"Regex": regex}}
+        assert pre_tokenizer_name(seq(split, byte_level)) == name
+    with pytest.warns(UserWarning, match="unrecognised pre-tokenizer"):
+        assert pre_tokenizer_name(seq({"type": "Whitespace"})) == "default"
+
+
+# -- llama.cpp itself, where llama-cpp-python is installed (not a dependency) --
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
+def test_llama_cpp_computes_the_same_logits(models, tok, arch, tmp_path):
+    """The file in llama.cpp: same token ids as the HF tokenizer, logits equal
+    to f16 rounding. This is what the metadata (head counts, key length, RoPE,
+    softcaps, the Gemma norm +1, the q/k permutation) must get right."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / f"{arch}.gguf"
+    assert cli("export", "--model", models(arch), "--quant", "f16", "--output", out) == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, n_threads=1,
+                          verbose=False)
+    text = "The quick brown fox jumps over the lazy dog, 42 times."
+    ids = tok(text)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])  # (T, V)
+    model = AutoModelForCausalLM.from_pretrained(models(arch)).eval()
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 2e-2 * np.abs(ours).max()
