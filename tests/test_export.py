@@ -527,3 +527,13 @@ def test_llama_cpp_computes_the_same_logits(models, tok, arch, tmp_path):
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(theirs - ours).max() < 2e-2 * np.abs(ours).max()
+
+
+def test_compare_export_refused_before_any_training(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli("compare", "--export", "gguf", "--output", out) == 2  # tickets: classify
+    assert "causal language models" in _one_line_error(capsys)
+    assert cli("compare", "--data", "instructions", "--export", "gguf", "--export-quant",
+               "q4_k_m", "--output", out) == 2
+    assert "cannot quantize Q4_K" in _one_line_error(capsys)
+    assert not out.exists()
