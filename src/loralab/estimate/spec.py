@@ -76,8 +76,8 @@ def raw_config(name: str) -> tuple[dict, str, str]:
     try:
         found = resolve_config_dir(name)
     except LoralabError as err:
-        raise LoralabError(err.message, hint=f"{err.hint} Or estimate a preset: "
-                           + _presets_hint() + ".") from err
+        raise LoralabError(err.message, hint=f"{err.hint} Or estimate a preset ("
+                           + _presets_hint() + ").") from err
     return _read_json(Path(found) / "config.json"), "hub", repo
 
 
