@@ -31,9 +31,10 @@ def _check_logits(model, tok) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
-def merge_adapter(adapter_dir, output, base: str | None = None) -> dict:
-    """Merge and write ``output`` atomically; returns what was checked."""
-    from loralab.io import atomic_dir
+def merged_model(adapter_dir, base: str | None = None):
+    """``(merged model, tokenizer, info)``: the adapter folded into its base,
+    checked: ``info["max_abs_diff"]`` is the largest logit change on
+    CHECK_TEXTS between the adapter and the merged model."""
     from loralab.lora import merge_and_unload
 
     model, tok, info = load_with_adapter(adapter_dir, base)
@@ -42,6 +43,14 @@ def merge_adapter(adapter_dir, output, base: str | None = None) -> dict:
     after = _check_logits(merged, tok)
     info["max_abs_diff"] = float((after - before).abs().max())
     info["check_inputs"] = len(CHECK_TEXTS)
+    return merged.eval(), tok, info
+
+
+def merge_adapter(adapter_dir, output, base: str | None = None) -> dict:
+    """Merge and write ``output`` atomically; returns what was checked."""
+    from loralab.io import atomic_dir
+
+    merged, tok, info = merged_model(adapter_dir, base)
     with atomic_dir(output) as tmp:
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -47,23 +47,21 @@ def load_merged(adapter_dir=None, base=None, model_dir=None):
         _check_arch(model_dir)
         model, tok = load_model(model_dir, "sft")
         return model.eval(), tok, {"model": str(model_dir)}
-    from loralab.lora import merge_and_unload, read_adapter_config
-    from loralab.merge import _check_logits, load_with_adapter
+    from loralab.lora.adapters import adapter_task, read_adapter_config
+    from loralab.merge import merged_model
 
     config = read_adapter_config(adapter_dir)
     meta = config["_loralab"]
     base_name = base or meta.get("base_model") or config.get("base_model_name_or_path")
     if base_name:
         _check_arch(base_name)
-    if (meta.get("task") or "sft") != "sft" or config.get("task_type") == "SEQ_CLS":
+    if adapter_task(config) == "classify":
         raise LoralabError(f"adapter '{adapter_dir}' is a classification adapter; GGUF holds "
                            "causal language models.",
                            hint="Fix: export an sft adapter, or use `loralab merge` for this one.")
-    model, tok, info = load_with_adapter(adapter_dir, base)
-    before = _check_logits(model, tok)
-    merged = merge_and_unload(model)
-    info["merge_max_abs_diff"] = float((_check_logits(merged, tok) - before).abs().max())
-    return merged.eval(), tok, info
+    merged, tok, info = merged_model(adapter_dir, base)
+    info["merge_max_abs_diff"] = info.pop("max_abs_diff")
+    return merged, tok, info
 
 
 def export_gguf(output, quant: str = "q8_0", *, adapter_dir=None, base=None, model_dir=None,

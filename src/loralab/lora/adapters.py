@@ -313,7 +313,7 @@ def load_base_and_adapter(adapter_dir, base: str | None = None, *, adapter_name=
     load_adapter(model, adapter_dir, adapter_name=adapter_name, config=config)
     model.eval()
     info = {"base": base, "task": task, "quantized": quantized, "adapter_dir": str(adapter_dir),
-            "labels": list(labels) if labels else None, "config": config}
+            "labels": list(labels) if labels else None}
     return model, tok, info
 
 
