@@ -20,7 +20,7 @@ from loralab.lora.base import base_shape, is_linear, replace_module
 from loralab.lora.layer import LoRALinear, ModulesToSave
 from loralab.lora.param import LoRAParam, find_target_parameters
 from loralab.lora.variants import parse_init
-from loralab.models import OUTPUT_HEADS, SEQ_CLS_HEADS
+from loralab.models import OUTPUT_HEADS, SEQ_CLS_HEADS, task_of_model
 
 # Attention projections per architecture (model_type -> module-name suffixes).
 ATTENTION = {
@@ -178,7 +178,7 @@ def default_modules_to_save(model: nn.Module, task: str | None) -> list[str]:
     """What an adapter trains and saves whole: a sequence classifier's head
     (peft's SEQ_CLS default), plus any layer the checkpoint lacked, which
     loading initialised at random (e.g. DeBERTa's pooler before its head)."""
-    is_seq_cls = task == "classify" or type(model).__name__.endswith("ForSequenceClassification")
+    is_seq_cls = task == "classify" or task_of_model(model) == "classify"
     heads = [h for h in SEQ_CLS_HEADS if is_seq_cls and isinstance(getattr(model, h, None),
                                                                    nn.Module)]
     for name in getattr(model, "loralab_fresh_modules", ()):
