@@ -12,6 +12,7 @@ import os
 
 from loralab.io import atomic_write_text
 from loralab.lab import charts, fmt
+from loralab.lab import report_quality as Q
 from loralab.lab import results as R
 
 CSS = """
@@ -36,6 +37,7 @@ pre{background:#1d2330;color:#f1f3f6;padding:10px 14px;border-radius:4px;overflo
 white-space:pre-wrap;word-break:break-all}
 .gen td{max-width:520px;white-space:pre-wrap}.gen th{width:160px}
 .note{color:#5b6372;font-size:13px;max-width:900px}
+.at-chance{color:#b2182b;font-weight:600}.baseline td{background:#f3f4f7;font-style:italic}
 """
 
 
@@ -67,9 +69,11 @@ def verdict_section(rows: list[dict], names: list[str], quality: R.Quality) -> s
         forgot = (full.get("forgetting") or {}).get("percent")
         tail = (f", general-text perplexity {fmt.signed(forgot, 1)}%"
                 if fmt.is_number(forgot) else "")
+        span = R.interval_text(full, quality)
+        chance = f", {R.AT_CHANCE}" if R.at_chance(full) else ""
         lines.insert(0, f"Reference, full fine-tuning: {fmt.count(full.get('trainable_params'))}"
                         f" trainable parameters, {fmt.seconds(full.get('train_seconds'))},"
-                        f" {quality.label} {q}{tail}")
+                        f" {quality.label} {q}{f' ({span})' if span else ''}{tail}{chance}")
     failed = [n for r, n in zip(rows, names) if r.get("status") == "failed"]
     if failed:
         lines.append(f"Failed: {', '.join(failed)} (errors below)")
@@ -106,9 +110,8 @@ def run_cells(row: dict, full: dict | None, quality: R.Quality) -> list[str]:
     return [params, fmt.seconds(row.get("train_seconds")),
             fmt.count(row.get("tokens_per_second")), _memory_cell(row),
             fmt.nbytes(row.get("artifact_bytes")),
-            (f"{R.quality_text(row, quality)}<br><span class='small'>"
-            f"{esc(R.secondary_text(row, quality))}</span>"),
-            R.delta_text(vs, quality), _forgetting_cell(row), fmt.ratio(vs.get("speedup")),
+            Q.quality_cell(row, quality),
+            Q.delta_cell(vs, quality), _forgetting_cell(row), fmt.ratio(vs.get("speedup")),
             fmt.ratio(vs.get("memory_ratio"))]
 
 
@@ -127,8 +130,9 @@ def _lr_note(row: dict, lr_search: dict) -> str:
 def runs_table(rows: list[dict], names: list[str], quality: R.Quality,
                lr_search: dict | None = None) -> str:
     full = R.reference_row(rows)
-    head = "".join(f"<th>{esc(h.format(q=quality.label))}</th>" for h in TABLE_HEAD)
-    body = []
+    head = "".join(f"<th>{esc(h.format(q=R.quality_header(rows, quality)))}</th>"
+                   for h in TABLE_HEAD)
+    body = [Q.baseline_row(rows, quality, TABLE_HEAD)]
     for row, name in zip(rows, names):
         status = row.get("status", "?")
         shown = {"ok": "done", "skipped": "done earlier"}.get(status, status)
@@ -143,7 +147,10 @@ def runs_table(rows: list[dict], names: list[str], quality: R.Quality,
         body.append(f"<tr{cls}><td>{esc(name)}<br><span class='small'>{esc(row.get('run'))}"
                     f"</span>{lr}</td><td class='status-{esc(status)}'>{esc(shown)}</td>{tds}</tr>")
     note = ("Quality is measured on the test split (the eval split when no test split "
-            "exists). Peak memory: process peak RSS on CPU, peak allocated on CUDA; "
+            "exists), with its 95% bootstrap interval over the test rows; 'vs full FT' is "
+            "judged by the paired bootstrap of the difference on the same rows; 'at chance' "
+            "means the F1 interval reaches the baseline of one constant answer. "
+            "Peak memory: process peak RSS on CPU, peak allocated on CUDA; "
             "w/g/o = weights, gradients, optimizer state counted tensor by tensor, "
             "other = the rest (activations, framework).")
     return (f"<section id='runs'><h2>Runs</h2><table class='runs'><thead><tr>{head}</tr>"
@@ -347,7 +354,9 @@ def build_report(rows: list[dict], meta: dict) -> str:
     body = "".join([
         header(meta, rows),
         verdict_section(rows, names, quality),
+        Q.caveats_section(rows),
         runs_table(rows, names, quality, meta.get("lr_search")),
+        Q.per_class_section(rows, names),
         variants_section(rows, names, quality),
         lr_search_section(meta.get("lr_search") or {}, rows, names),
         charts_section(rows, names, quality),

@@ -14,6 +14,7 @@ import csv
 import io
 from dataclasses import dataclass
 
+from loralab import stats
 from loralab.lab import fmt
 
 HAS_RESULTS = ("ok", "skipped")
@@ -51,6 +52,121 @@ def metric_value(row: dict, key: str):
         if fmt.is_number(value):
             return value
     return None
+
+
+def split_of(row: dict, key: str) -> dict:
+    """The split dict ``metric_value`` reads ``key`` from (test, else eval)."""
+    for split in ("test", "eval"):
+        scores = row.get(split) or {}
+        if fmt.is_number(scores.get(key)):
+            return scores
+    return {}
+
+
+def interval(row: dict, quality: Quality) -> list[float] | None:
+    """The 95 % bootstrap interval of the quality figure, in its own units."""
+    found = (split_of(row, quality.key).get("interval") or {}).get(quality.key)
+    return found if isinstance(found, list) and len(found) == 2 else None
+
+
+def _scaled(x: float, quality: Quality) -> float:
+    return x * 100 if quality.points else x
+
+
+def interval_text(row: dict, quality: Quality) -> str:
+    """'95% 88.1–93.4' (points for F1/accuracy), '' when the run has none."""
+    found = interval(row, quality)
+    if found is None:
+        return ""
+    lo, hi = (_scaled(x, quality) for x in found)
+    if quality.points:
+        return f"95% {lo:.1f}–{hi:.1f}"
+    return f"95% {fmt.number(lo)}–{fmt.number(hi)}"
+
+
+def at_chance(row: dict) -> bool:
+    """The run's F1 interval reaches the constant-answer baseline: nothing it
+    learned can be told from always answering one class."""
+    scores = split_of(row, "f1")
+    if "at_chance" in scores:
+        return bool(scores["at_chance"])
+    f1 = (scores.get("interval") or {}).get("f1")
+    base = (scores.get("baseline") or {}).get("f1")
+    return fmt.is_number(base) and stats.at_chance(f1, base)
+
+
+AT_CHANCE = "at chance — not learned"
+
+
+def positive_label(rows: list[dict]) -> str | None:
+    """The class a binary precision/recall/F1 is for (labels[1])."""
+    return next((split_of(r, "f1").get("positive_label") for r in ok_rows(rows)
+                 if split_of(r, "f1").get("positive_label")), None)
+
+
+def quality_header(rows: list[dict], quality: Quality) -> str:
+    """'F1 (class spam)' for a binary F1, else the metric's label."""
+    positive = positive_label(rows) if quality.key == "f1" else None
+    return f"{quality.label} (class {positive})" if positive else quality.label
+
+
+def baseline(rows: list[dict], quality: Quality) -> dict | None:
+    """The reference row every run must clear: the constant answer's scores
+    (classify), or the base model's general-text perplexity before fine-tuning
+    (sft/lm, where a run measured forgetting)."""
+    done = ok_rows(rows)
+    for row in done:
+        base = split_of(row, quality.key).get("baseline") or {}
+        if fmt.is_number(base.get(quality.key)):
+            return {"name": "baseline: one constant answer",
+                    "detail": (f"accuracy: always '{base.get('class')}' (the majority); "
+                               "F1/precision/recall: the best single answer"),
+                    "scores": base}
+    before = [(r.get("forgetting") or {}).get("before_ppl") for r in done]
+    before = next((b for b in before if fmt.is_number(b)), None)
+    if before is not None:
+        return {"name": "baseline: the base model",
+                "detail": "before fine-tuning; general-text perplexity", "before_ppl": before}
+    return None
+
+
+def baseline_text(base: dict, quality: Quality) -> str:
+    """The baseline's figure in the quality column ('—' when not measured)."""
+    value = (base.get("scores") or {}).get(quality.key)
+    if not fmt.is_number(value):
+        return "—"
+    return f"{value * 100:.1f}" if quality.points else fmt.number(value)
+
+
+def quality_difference(row: dict, full: dict, quality: Quality) -> dict | None:
+    """``row - full`` in the quality's units with a 95 % interval and the verdict
+    words: paired bootstrap on the same test rows where both runs kept their
+    predictions, else two independent intervals combined (normal approximation),
+    else None."""
+    a, b = split_of(row, quality.key), split_of(full, quality.key)
+    if not a or not b:
+        return None
+    paired = (quality.key in ("f1", "accuracy", "precision", "recall")
+              and a.get("predictions") and b.get("predictions")
+              and a.get("targets") is not None and a.get("targets") == b.get("targets")
+              and len(a["predictions"]) == len(b["predictions"]) == len(a["targets"]))
+    if paired:
+        k = len(a.get("per_class") or {}) or max(a["targets"] + a["predictions"]
+                                                 + b["predictions"]) + 1
+        d = stats.paired_difference(a["targets"], a["predictions"], b["predictions"], k,
+                                    quality.key)
+        diff, (lo, hi) = d["difference"], d["interval"]
+    else:
+        ia, ib = interval(row, quality), interval(full, quality)
+        if ia is None or ib is None:
+            return None
+        diff = a[quality.key] - b[quality.key]
+        half = ((ia[1] - ia[0]) ** 2 + (ib[1] - ib[0]) ** 2) ** 0.5 / 2
+        lo, hi = diff - half, diff + half
+    words = stats.verdict(lo, hi) if quality.higher_is_better else stats.verdict(-hi, -lo)
+    return {"difference": _scaled(diff, quality),
+            "interval": [_scaled(lo, quality), _scaled(hi, quality)],
+            "verdict": words, "paired": bool(paired)}
 
 
 def headline_quality(rows: list[dict]) -> Quality:
@@ -166,6 +282,7 @@ def versus_full(row: dict, full: dict | None, quality: Quality) -> dict:
         "artifact_ratio": _div(row.get("artifact_bytes"), full.get("artifact_bytes")),
         "quality_delta": delta * 100 if delta is not None and quality.points else delta,
         "quality_delta_percent": (_div(delta, q_full) or 0) * 100 if delta is not None else None,
+        "quality_difference": quality_difference(row, full, quality),
     }
 
 
@@ -184,13 +301,37 @@ def secondary_text(row: dict, quality: Quality) -> str:
     return "" if value == "—" else f"{other.label} {value}"
 
 
-def delta_text(vs: dict, quality: Quality) -> str:
+def _delta_number(vs: dict, quality: Quality) -> str:
     delta = vs.get("quality_delta")
     if delta is None:
         return "—"
     if quality.points:
         return fmt.signed(delta, 1, "pt")
     return f"{fmt.signed(delta, 2)} ({fmt.signed(vs['quality_delta_percent'], 1)}%)"
+
+
+def difference_words(vs: dict) -> str:
+    """The verdict on the difference to full FT: 'better', 'worse', 'not
+    distinguishable at this test size', '' when no interval was recorded."""
+    return (vs.get("quality_difference") or {}).get("verdict", "")
+
+
+def delta_text(vs: dict, quality: Quality) -> str:
+    """'+1.7 pt, not distinguishable at this test size', '+5.2 pt, better'."""
+    words = difference_words(vs)
+    number = _delta_number(vs, quality)
+    return f"{number}, {words}" if words and number != "—" else number
+
+
+def difference_interval_text(vs: dict, quality: Quality) -> str:
+    """'95% −2.1 to +5.3 pt (paired)' for the difference to full FT."""
+    d = vs.get("quality_difference")
+    if not d:
+        return ""
+    digits, unit = (1, "pt") if quality.points else (2, "")
+    lo, hi = (fmt.signed(x, digits, unit if i else "") for i, x in enumerate(d["interval"]))
+    how = "paired" if d["paired"] else "unpaired"
+    return f"95% {lo} to {hi} ({how})"
 
 
 def verdict(row: dict, full: dict | None, quality: Quality, label: str) -> str:
@@ -211,9 +352,13 @@ def verdict(row: dict, full: dict | None, quality: Quality, label: str) -> str:
         parts.append("about the same peak memory" if 0.95 <= m <= 1.05
                      else f"{fmt.ratio(m)} the peak memory")
     if vs.get("quality_delta") is not None:
-        parts.append(f"{quality.label} {delta_text(vs, quality)} vs full FT")
+        words = difference_words(vs)
+        parts.append(f"{quality.label} {_delta_number(vs, quality)} vs full FT"
+                     + (f", {words}" if words else ""))
     else:
         parts.append(f"{quality.label} {quality_text(row, quality)}")
+    if at_chance(row):
+        parts.append(AT_CHANCE)
     forgetting = row.get("forgetting") or {}
     if fmt.is_number(forgetting.get("percent")):
         parts.append(f"general-text perplexity {fmt.signed(forgetting['percent'], 1)}%")
@@ -227,7 +372,8 @@ CSV_FIELDS = (
     "quality_metric", "quality", "accuracy", "f1", "eval_loss", "perplexity",
     "forgetting_before_ppl", "forgetting_after_ppl",
     "forgetting_percent", "params_ratio_vs_full", "speedup_vs_full", "memory_ratio_vs_full",
-    "quality_delta_vs_full", "error",
+    "quality_delta_vs_full", "quality_low", "quality_high", "at_chance",
+    "quality_verdict_vs_full", "error",
 )
 
 
@@ -248,8 +394,21 @@ def csv_row(row: dict, full: dict | None, quality: Quality) -> dict:
         "forgetting_percent": forgetting.get("percent"),
         "params_ratio_vs_full": vs.get("params_ratio"), "speedup_vs_full": vs.get("speedup"),
         "memory_ratio_vs_full": vs.get("memory_ratio"),
-        "quality_delta_vs_full": vs.get("quality_delta"), "error": row.get("error"),
+        "quality_delta_vs_full": vs.get("quality_delta"),
+        **dict(zip(("quality_low", "quality_high"), interval(row, quality) or (None, None))),
+        "at_chance": at_chance(row) if quality.key in ("f1", "accuracy") else None,
+        "quality_verdict_vs_full": difference_words(vs) or None, "error": row.get("error"),
     }
+
+
+def caveats(rows: list[dict]) -> list[str]:
+    """The data's caveats each run recorded (metrics.json data.caveats, the
+    words ``loralab train`` printed), once each, in order."""
+    seen: dict[str, None] = {}
+    for row in ok_rows(rows):
+        for line in (row.get("data") or {}).get("caveats") or []:
+            seen.setdefault(str(line), None)
+    return list(seen)
 
 
 def to_csv(rows: list[dict]) -> str:

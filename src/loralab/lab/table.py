@@ -30,17 +30,45 @@ def _forgetting(row: dict) -> str:
             f"{fmt.signed(f.get('percent'), 1)}%")
 
 
+def _quality(row: dict, quality: R.Quality) -> str:
+    """The figure, its 95 % interval, the other figure, and the at-chance flag."""
+    lines = [R.quality_text(row, quality), f"[dim]{R.interval_text(row, quality)}[/]",
+             f"[dim]{R.secondary_text(row, quality)}[/]"]
+    if R.at_chance(row):
+        lines.append(f"[bold red]{R.AT_CHANCE}[/]")
+    return "\n".join(line for line in lines if line not in ("[dim][/]", ""))
+
+
+def _baseline_row(rows: list[dict], quality: R.Quality, columns: list[str]) -> list[str] | None:
+    base = R.baseline(rows, quality)
+    if base is None:
+        return None
+    cells = [f"[italic]{base['name']}[/]\n[dim]{base['detail']}[/]"] + [""] * (len(columns) - 1)
+    cells[columns.index(quality.label)] = R.baseline_text(base, quality)
+    if "forgetting" in columns and fmt.is_number(base.get("before_ppl")):
+        cells[columns.index("forgetting")] = fmt.number(base["before_ppl"])
+    return cells
+
+
 def results_table(rows: list[dict], title: str | None = None) -> Table:
     """method and rank, trainable params (count, %), time, tokens/s, peak memory
-    with breakdown (w/g/o: weights, gradients, optimizer), artifact size, quality,
-    forgetting (sft) and ratios against full fine-tuning."""
+    with breakdown (w/g/o: weights, gradients, optimizer), artifact size, quality
+    with its 95 % interval, forgetting (sft) and ratios against full fine-tuning
+    (the quality difference in the paired bootstrap's words); the baseline as a
+    reference row and the data's caveats beneath."""
     quality, full = R.headline_quality(rows), R.reference_row(rows)
     forgetting = any(r.get("forgetting") for r in rows)
-    table = Table(title=title, show_lines=True)
+    caveats = R.caveats(rows)
+    table = Table(title=title, show_lines=True, caption_justify="left",
+                  caption="\n".join(f"note: {c}" for c in caveats) or None)
     columns = ["method", "trainable", "time", "tok/s", "peak memory", "artifact",
                quality.label] + (["forgetting"] if forgetting else []) + ["vs full FT"]
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        shown = R.quality_header(rows, quality) if name == quality.label else name
+        table.add_column(shown, justify="left" if i == 0 else "right")
+    baseline = _baseline_row(rows, quality, columns)
+    if baseline is not None:
+        table.add_row(*baseline)
     for row, label in zip(rows, R.labels(rows)):
         head = f"{label}\n[dim]{row.get('run')}[/]"
         if row.get("status") not in R.HAS_RESULTS:
@@ -54,6 +82,6 @@ def results_table(rows: list[dict], title: str | None = None) -> Table:
                  f"{fmt.percent(row.get('trainable_percent'))}"),
                  fmt.seconds(row.get("train_seconds")), fmt.count(row.get("tokens_per_second")),
                  _memory(row), fmt.nbytes(row.get("artifact_bytes")),
-                 f"{R.quality_text(row, quality)}\n[dim]{R.secondary_text(row, quality)}[/]"]
+                 _quality(row, quality)]
         table.add_row(head, *cells, *([_forgetting(row)] if forgetting else []), ratios)
     return table

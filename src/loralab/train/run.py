@@ -95,6 +95,30 @@ def _start_dir(run_dir: Path, cfg: TrainConfig, prep, notes: list[str]) -> None:
     (run_dir / "log.jsonl").write_text("".join(lines), encoding="utf-8")
 
 
+def _data_facts(prep) -> list[str]:
+    """What a score can be read against, not warnings: the test size (the 95 %
+    half-width of an accuracy near 50 % is 1.96 * sqrt(0.25 / n)) and the class
+    balance of the training data. The report shows these words too."""
+    n, facts = prep.info.get("test_rows") or 0, []
+    what = "rows" if prep.task == "classify" else "records"
+    if n == 0 and prep.info.get("eval_rows"):
+        facts.append(f"no test split: quality is measured on the eval split "
+                     f"({prep.info['eval_rows']} {what}).")
+    elif prep.task == "classify" and n < 10_000:
+        facts.append(f"the test split has {n} rows: an accuracy near 50% is known to about "
+                     f"±{98 / n ** 0.5:.1f} pt (95%); smaller differences are noise.")
+    elif n < 200:
+        facts.append(f"the test split has {n} {what}: its perplexity is a rough figure.")
+    if prep.task == "classify":
+        counts = {lab: prep.train.labels.count(lab) for lab in prep.label_map.labels}
+        total = max(sum(counts.values()), 1)
+        shown = sorted(counts.items(), key=lambda kv: -kv[1])
+        text = ", ".join(f"{lab} {c} ({100 * c / total:.0f}%)" for lab, c in shown[:6])
+        more = f", {len(shown) - 6} more" if len(shown) > 6 else ""
+        facts.append(f"class balance of the training data: {text}{more}.")
+    return facts
+
+
 def _data_notes(cfg: TrainConfig, prep, splits) -> list[str]:
     notes = list(prep.warnings)
     if splits.truncated:
@@ -154,8 +178,8 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
                         f"sequences are cut to {limit} tokens.")
     if acc.is_main_process:
         if resume is None:
-            _start_dir(run_dir, cfg, prep, prep.notes + notes)
-        for text in prep.notes:  # how the data was read (fields used, documents)
+            _start_dir(run_dir, cfg, prep, prep.notes + _data_facts(prep) + notes)
+        for text in prep.notes + _data_facts(prep):  # how the data was read, what it holds
             note(text)
         for text in notes:
             note(f"warning: {text}")
@@ -303,7 +327,9 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "best_step": s.best_step, "best_metric": {cfg.metric: s.best_metric},
         "artifact_bytes": artifact_bytes, "loss_curve": s.loss_curve, "evals": s.evals,
         "data": dict(prep.info, truncated_rows=splits.truncated,
-                     prompt_cut_rows=splits.prompt_cut, dropped_rows=splits.dropped),
+                     prompt_cut_rows=splits.prompt_cut, dropped_rows=splits.dropped,
+                     # the caveats in the terminal's words, for the report
+                     caveats=_data_facts(prep) + _data_notes(cfg, prep, splits)),
     }
     if "forgetting" in results:
         metrics["forgetting"] = results["forgetting"]

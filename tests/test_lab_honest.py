@@ -1,0 +1,165 @@
+"""Honest verdicts (issue 17): intervals in metrics.json, the at-chance flag, the
+verdict words following the paired bootstrap, the baseline row and the data's
+caveats in the table and the report."""
+
+from __future__ import annotations
+
+import json
+
+import lab_fixtures as S
+import numpy as np
+import pytest
+from conftest import cli
+from rich.console import Console
+from train_support import class_rows, save_tiny, sft_records, write_csv, write_jsonl
+
+from loralab.lab import results as R
+from loralab.lab.report import build_report
+from loralab.lab.table import results_table
+from loralab.train.metrics import classification_metrics, lm_metrics
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LABELS = ["ham", "spam"]
+CAVEATS = [("the test split has 400 rows: an accuracy near 50% is known to about ±4.9 pt "
+            "(95%); smaller differences are noise."),
+           "class balance of the training data: ham 700 (58%), spam 500 (42%)."]
+
+
+def predictions(y, accuracy: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(len(y)) < accuracy, y, 1 - y)
+
+
+def scored(name: str, method: str, y, pred, **kw) -> dict:
+    """A lab row whose test split is what ``loralab train`` writes for ``pred``."""
+    row = S.row(name, method=method, **kw)
+    row["test"] = classification_metrics(list(map(int, y)), list(map(int, pred)), LABELS,
+                                         loss=0.5)
+    row["eval"] = {}
+    row["data"] = {"test_rows": len(y), "caveats": CAVEATS}
+    return row
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return np.random.default_rng(0).integers(0, 2, 400)
+
+
+@pytest.fixture(scope="module")
+def rows(truth):
+    full = predictions(truth, 0.9, 1)
+    near = full.copy()
+    near[:4] = 1 - near[:4]  # four rows apart from full FT: noise on 400
+    return [scored("full", "full", truth, full, trainable=22_700_000, seconds=120.0),
+            scored("head", "head", truth, np.ones_like(truth), trainable=1_540, seconds=14.0),
+            scored("lora-r8", "lora", truth, near, rank=8, trainable=148_000, seconds=41.0),
+            scored("lora-r2", "lora", truth, predictions(truth, 0.8, 2), rank=2,
+                   trainable=37_000, seconds=39.0)]
+
+
+def test_metrics_carry_interval_baseline_and_rows():
+    y = [0, 1] * 50
+    m = classification_metrics(y, [1] * 100, LABELS)
+    assert m["positive_label"] == "spam" and m["at_chance"] is True
+    assert m["baseline"]["f1"] == pytest.approx(2 / 3) and m["baseline"]["accuracy"] == 0.5
+    assert m["predictions"] == [1] * 100 and m["targets"] == y
+    lo, hi = m["interval"]["accuracy"]
+    assert lo < m["accuracy"] < hi
+    good = classification_metrics(y, y, LABELS)
+    assert good["at_chance"] is False and good["interval"]["f1"] == [1.0, 1.0]
+    lm = lm_metrics(10.0, 20, [1.0, 2.0, 3.0, 4.0], [5, 5, 5, 5])
+    lo, hi = lm["interval"]["perplexity"]
+    assert lo < lm["perplexity"] < hi
+
+
+def test_a_run_that_answers_one_class_is_at_chance(rows):
+    assert [R.at_chance(r) for r in rows] == [False, True, False, False]
+    line = R.verdict(rows[1], rows[0], R.F1, "head only")
+    assert line.endswith(R.AT_CHANCE)
+
+
+def test_verdict_words_follow_the_paired_bootstrap(rows):
+    full = rows[0]
+    near, far = (R.versus_full(r, full, R.F1) for r in rows[2:])
+    assert near["quality_difference"]["paired"] is True
+    assert R.delta_text(near, R.F1).endswith(", not distinguishable at this test size")
+    assert R.delta_text(far, R.F1).endswith(", worse")
+    assert "vs full FT, worse" in R.verdict(rows[3], full, R.F1, "LoRA r=2")
+    # an old results.json without predictions: two independent intervals
+    def unpaired(row):
+        old = {**row, "test": {k: v for k, v in row["test"].items()
+                               if k not in ("predictions", "targets")}}
+        return R.versus_full(old, full, R.F1)["quality_difference"]
+
+    assert unpaired(rows[3])["paired"] is False and unpaired(rows[3])["verdict"] == "worse"
+    # two runs that err on the same rows: pairing cancels the rows' own difficulty
+    lo, hi = unpaired(rows[2])["interval"]
+    p_lo, p_hi = near["quality_difference"]["interval"]
+    assert p_hi - p_lo < (hi - lo) / 3
+    # nothing recorded at all: the plain difference, no words
+    bare = S.classify_rows()
+    assert R.delta_text(R.versus_full(bare[2], bare[0], R.F1), R.F1) == "−0.4 pt"
+
+
+def test_terminal_table_shows_intervals_baseline_and_caveats(rows):
+    console = Console(width=220, record=True)
+    console.print(results_table(rows, title="loralab compare"))
+    text = console.export_text()
+    assert "F1 (class spam)" in text
+    assert "baseline: one constant answer" in text
+    assert text.count("95% ") >= 4 and "at chance — not learned" in text
+    assert "not distinguishable at this test size" in text
+    for line in CAVEATS:
+        assert line.split(":")[0] in text
+
+
+def test_report_shows_intervals_baseline_caveats_and_per_class(rows):
+    page = build_report(rows, S.META)
+    lo, hi = (100 * x for x in rows[0]["test"]["interval"]["f1"])
+    assert f"95% {lo:.1f}–{hi:.1f}" in page
+    assert "<tr class='baseline'>" in page and "baseline: one constant answer" in page
+    assert "F1 (class spam)" in page and "for class &#x27;spam&#x27;" in page
+    assert page.count(R.AT_CHANCE) >= 2  # the head-only row and its verdict line
+    assert "not distinguishable at this test size" in page and "(paired)" in page
+    for line in CAVEATS:
+        assert line.replace("'", "&#x27;") in page
+    assert page.count("<table class='confusion'>") == 4
+    assert "<th>true \\ predicted</th><th>ham</th><th>spam</th>" in page
+
+
+def test_sft_baseline_is_the_base_model_before_fine_tuning():
+    page = build_report(S.sft_rows(), {**S.META, "task": "sft"})
+    assert "baseline: the base model" in page and "<td class='num'>21</td>" in page
+
+
+def test_train_writes_intervals_rows_and_caveats(tmp_path):
+    model = save_tiny(tmp_path, "bert")
+    train = write_csv(tmp_path / "train.csv", class_rows(60, seed=1))
+    test = write_csv(tmp_path / "test.csv", class_rows(20, seed=2) + class_rows(60, seed=1)[:5])
+    out = tmp_path / "run"
+    assert cli("train", "--model", model, "--data", train, "--test-data", test, "--output",
+               out, "--method", "lora", "--epochs", 1, "--quiet") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["test"]["predictions"]) == len(m["test"]["targets"]) == 25
+    assert set(m["test"]["interval"]) == {"accuracy", "precision", "recall", "f1"}
+    assert isinstance(m["test"]["at_chance"], bool) and "f1" in m["test"]["baseline"]
+    assert all("predictions" not in e for _, e in m["evals"])  # per-row lists: final splits only
+    caveats = m["data"]["caveats"]
+    assert any(c.startswith("the test split has 25 rows") for c in caveats)
+    assert any(" of 25 test texts also appear in the training data" in c for c in caveats)
+    assert any(c.startswith("class balance of the training data: ") for c in caveats)
+
+
+def test_lm_eval_has_a_perplexity_interval(tmp_path):
+    model = save_tiny(tmp_path, "llama")
+    data = write_jsonl(tmp_path / "s.jsonl", sft_records(24))
+    test = write_jsonl(tmp_path / "t.jsonl", sft_records(8, seed=5))
+    out = tmp_path / "run"
+    assert cli("train", "--model", model, "--data", data, "--test-data", test, "--output", out,
+               "--epochs", 1, "--quiet") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    lo, hi = m["test"]["interval"]["perplexity"]
+    assert lo <= m["test"]["perplexity"] <= hi
+    assert "the test split has 8 records: its perplexity is a rough figure." in \
+        m["data"]["caveats"]
