@@ -153,13 +153,17 @@ def test_train_writes_intervals_rows_and_caveats(tmp_path):
 
 def test_lm_eval_has_a_perplexity_interval(tmp_path):
     model = save_tiny(tmp_path, "llama")
-    data = write_jsonl(tmp_path / "s.jsonl", sft_records(24))
-    test = write_jsonl(tmp_path / "t.jsonl", sft_records(8, seed=5))
+    records = sft_records(24)
+    data = write_jsonl(tmp_path / "s.jsonl", records)
+    test = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"name the number {i}", "input": "", "output": str(i)} for i in range(6)]
+                       + records[:2])
     out = tmp_path / "run"
     assert cli("train", "--model", model, "--data", data, "--test-data", test, "--output", out,
                "--epochs", 1, "--quiet") == 0
     m = json.loads((out / "metrics.json").read_text())
     lo, hi = m["test"]["interval"]["perplexity"]
     assert lo <= m["test"]["perplexity"] <= hi
-    assert "the test split has 8 records: its perplexity is a rough figure." in \
-        m["data"]["caveats"]
+    caveats = m["data"]["caveats"]
+    assert "the test split has 8 records: its perplexity is a rough figure." in caveats
+    assert any(c.startswith("2 of 8 test records also appear in the training") for c in caveats)
+    assert m["data"]["test_overlap"] == 2

@@ -19,7 +19,14 @@ from loralab.data.encode import (
     encode_documents,
 )
 from loralab.data.instructions import read_sft, split_conversations
-from loralab.data.splits import LabelMap, check_labels, count_overlap, split_table
+from loralab.data.splits import (
+    LabelMap,
+    check_labels,
+    conversation_text,
+    count_overlap,
+    count_text_overlap,
+    split_table,
+)
 from loralab.data.tables import Table, read_table
 from loralab.errors import LoralabError
 
@@ -84,14 +91,18 @@ def _prepare_classify(cfg) -> Prepared:
     check_labels(label_map, test_t, "test")
     prep = Prepared("classify", train, eval_t, test_t, label_map)
     dup, n = count_overlap(train, test_t)
-    if dup:
-        prep.warnings.append(
-            f"{dup} of {n} test texts also appear in the training data: test scores measure "
-            "memorisation, not generalisation. Deduplicate the data before splitting.")
+    _warn_overlap(prep, dup, n, "texts")
     prep.info = {"train_rows": len(train.texts), "eval_rows": len(eval_t.texts) if eval_t else 0,
                  "test_rows": len(test_t.texts) if test_t else 0, "test_overlap": dup,
                  "skipped_rows": train.skipped}
     return prep
+
+
+def _warn_overlap(prep: Prepared, dup: int, n: int, what: str) -> None:
+    if dup:
+        prep.warnings.append(
+            f"{dup} of {n} test {what} also appear in the training data: test scores measure "
+            "memorisation, not generalisation. Deduplicate the data before splitting.")
 
 
 def _prepare_sft(cfg) -> Prepared:
@@ -104,6 +115,10 @@ def _prepare_sft(cfg) -> Prepared:
     prep = Prepared("sft", train, eval_c or ev, test_c or te, truncation=cfg.truncation)
     prep.info = {"train_rows": len(train), "eval_rows": len(prep.eval or []),
                  "test_rows": len(prep.test or []), "fields": mapping.describe()}
+    dup, n = count_text_overlap([conversation_text(c) for c in train],
+                                [conversation_text(c) for c in prep.test or []])
+    prep.info["test_overlap"] = dup
+    _warn_overlap(prep, dup, n, "records")
     prep.notes.append(f"sft data {cfg.data}: {mapping.describe()}.")
     prep.info["skipped_rows"] = skipped
     if skipped:
@@ -122,6 +137,8 @@ def _prepare_lm(cfg) -> Prepared:
     prep = Prepared("lm", train, eval_d or ev, test_d or te)
     prep.info = {"train_rows": len(train), "eval_rows": len(prep.eval or []),
                  "test_rows": len(prep.test or [])}
+    prep.info["test_overlap"], n = count_text_overlap(train, prep.test)
+    _warn_overlap(prep, prep.info["test_overlap"], n, "documents")
     prep.notes.append(f"lm data {cfg.data}: {len(train)} training documents, packed into "
                       f"blocks of max_length tokens with EOS between documents.")
     return prep

@@ -112,5 +112,18 @@ def count_overlap(train: Table, other: Table | None) -> tuple[int, int]:
     """(rows of ``other`` whose text also appears in ``train``, rows of ``other``)."""
     if other is None:
         return 0, 0
-    seen = {_norm(t) for t in train.texts}
-    return sum(_norm(t) in seen for t in other.texts), len(other.texts)
+    return count_text_overlap(train.texts, other.texts)
+
+
+def count_text_overlap(train: list[str], other: list[str] | None) -> tuple[int, int]:
+    """(texts of ``other`` also in ``train``, up to case and spacing; texts of ``other``)."""
+    if not other:
+        return 0, 0
+    seen = {_norm(t) for t in train}
+    return sum(_norm(t) in seen for t in other), len(other)
+
+
+def conversation_text(conv: list[dict]) -> str:
+    """One string per sft record, every turn's role and content: two records
+    are duplicates when all their turns are."""
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in conv)

@@ -60,7 +60,8 @@ class Reporter:
         short = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self._write({"step": step, "epoch": epoch, "eval": short})
         if self.bar is not None:
-            text = " ".join(f"{k} {v:.4f}" for k, v in short.items() if k != "n")
+            text = " ".join(f"{k} {v:.4f}" for k, v in short.items()
+                            if k != "n" and not isinstance(v, bool))  # at_chance: not a score
             self.bar.console.print(f"step {step}: eval {text}")
 
     def note(self, text: str) -> None:
