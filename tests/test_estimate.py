@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import cli
+from tiny_models import ARCHS
 
 from loralab.estimate import (
     EstimateConfig,
@@ -21,6 +22,7 @@ from loralab.estimate import (
 from loralab.estimate.explain import explain_rows
 from loralab.lora import LoRAConfig, inject_lora, trainable_report
 from loralab.lora.quant import quantize_model_4bit
+from loralab.train import lm_loss
 from loralab.train.memory import weight_account
 
 VOCAB = 96
@@ -40,6 +42,20 @@ TINY = {
              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
 }
 TASK = {"llama": "sft", "qwen3": "sft", "bert": "classify", "gpt2": "sft"}
+# the matrix's other architectures (tests/tiny_models.py ARCHS), two layers each
+NEW_ARCHS = ("gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe", "electra", "deberta-v2",
+             "modernbert")
+
+
+def arch_file(tmp_path, arch: str) -> str:
+    _, kwargs, _ = ARCHS[arch]
+    fields = {"model_type": arch, **kwargs, "num_hidden_layers": 2, "vocab_size": VOCAB,
+              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if arch == "modernbert":
+        fields.update(cls_token_id=1, sep_token_id=2)
+    path = tmp_path / f"{arch}.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
 
 
 def write_config(tmp_path, kind: str, **changes):
@@ -148,8 +164,8 @@ def test_encoder_presets_are_base_plus_head(name, base):
 
 # -- activations: the tape against what autograd saves -------------------------------
 
-def saved_bytes(model, inputs) -> int:
-    """Bytes of distinct storages autograd saves in one training forward."""
+def saved_bytes(model, forward) -> int:
+    """Bytes of distinct storages autograd saves in ``forward()``, a training forward."""
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen = {}
 
@@ -161,8 +177,35 @@ def saved_bytes(model, inputs) -> int:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
+        forward()
     return sum(seen.values())
+
+
+def measure_step(spec, model, batch: int, seq: int, padded: bool) -> int:
+    """Saved bytes of one training forward as ``loralab train`` runs it: the
+    causal-LM loss chunked over the labelled positions (train/lm_loss.py)."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (batch, seq))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, seq // 2:] = 0
+    if spec.task == "sft":
+        rows = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+        return saved_bytes(model, lambda: lm_loss.causal_lm_loss_sum(model, rows, model))
+    labels = torch.zeros(batch, dtype=torch.long)
+    return saved_bytes(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels))
+
+
+def check_saved(spec, method, dtype, padded, dropout=0.0, rel=0.02):
+    batch, seq = 2, 24
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    cfg = EstimateConfig(method=method, precision=precision, rank=4, targets="all-linear",
+                         lora_dropout=dropout, batch_size=batch, seq_len=seq, device="cpu",
+                         padded=padded)
+    expected = Estimator(spec, cfg).activations(batch)["activations"]
+    model = apply(materialize(spec, dtype), method, spec.task, targets="all-linear",
+                  dropout=dropout)
+    assert expected == pytest.approx(measure_step(spec, model, batch, seq, padded), rel=rel)
 
 
 @pytest.mark.parametrize("kind,method,dtype,padded,dropout", [
@@ -176,26 +219,109 @@ def saved_bytes(model, inputs) -> int:
     ("gpt2", "lora", torch.float32, True, 0.1),
 ])
 def test_activations_match_saved_tensors(tmp_path, kind, method, dtype, padded, dropout):
-    batch, seq = 2, 24
-    spec = load_spec(write_config(tmp_path, kind))
-    precision = "fp32" if dtype == torch.float32 else "bf16"
-    cfg = EstimateConfig(method=method, precision=precision, rank=4, targets="all-linear",
-                         lora_dropout=dropout, batch_size=batch, seq_len=seq, device="cpu",
-                         padded=padded)
-    acts = Estimator(spec, cfg).activations(batch)
-    model = apply(materialize(spec, dtype), method, spec.task, targets="all-linear",
-                  dropout=dropout)
-    torch.manual_seed(0)
-    ids = torch.randint(3, VOCAB, (batch, seq))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, seq // 2:] = 0
-    labels = ids if spec.task == "sft" else torch.zeros(batch, dtype=torch.long)
-    measured = saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-    expected = acts["activations"]
-    if spec.task == "sft":  # of the logits term, the loss saves fp32 log-probs + int64 labels
-        expected += batch * seq * (4 * VOCAB + 8)
-    assert expected == pytest.approx(measured, rel=0.02)
+    check_saved(load_spec(write_config(tmp_path, kind)), method, dtype, padded, dropout)
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("method,dtype", [("full", torch.float32), ("lora", torch.bfloat16)])
+def test_new_families_match_saved_tensors(tmp_path, arch, method, dtype):
+    """Gemma 2/3, Phi-3, OLMo 2, Qwen3-MoE (k of E experts per token), ELECTRA,
+    DeBERTa-v2 and ModernBERT: the layer programs against what autograd saves."""
+    task = "sft" if ARCHS[arch][2] == "decoder" else "classify"
+    check_saved(load_spec(arch_file(tmp_path, arch), task=task), method, dtype, False)
+
+
+@pytest.mark.parametrize("arch", ["electra", "deberta-v2", "modernbert"])
+def test_new_encoders_padded(tmp_path, arch):
+    check_saved(load_spec(arch_file(tmp_path, arch)), "lora", torch.float32, True)
+
+
+def test_approximate_programs_say_so(tmp_path, capsys):
+    est = estimate(load_spec(arch_file(tmp_path, "qwen3_moe")), EstimateConfig())
+    assert any("MoE" in note for note in est.approximate)
+    assert estimate(load_spec(arch_file(tmp_path, "phi3")), EstimateConfig()).approximate == []
+    out = run_cli(["estimate", "--model", arch_file(tmp_path, "qwen3_moe"), "--method",
+                   "lora"], capsys)
+    assert "approximate: MoE experts" in out
+
+
+def peak_bytes(fn) -> int:
+    """Peak of the CPU allocations made while ``fn()`` runs (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 8])
+def test_chunked_loss_term_matches_measured_peak(tmp_path, monkeypatch, chunk_rows):
+    """The loss's memory follows train/lm_loss.py: the gathered rows and the
+    live chunk's fp32 logits, log-softmax and gradient, never (B, T, V). The
+    2^25-element chunk is shrunk to 8 rows to see the cap work."""
+    if chunk_rows:
+        monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", chunk_rows * 1000)
+    spec = load_spec(write_config(tmp_path, "llama", vocab_size=1000))
+    batch, seq = 2, 64
+    est = Estimator(spec, EstimateConfig(method="lora", precision="fp32", batch_size=batch,
+                                         seq_len=seq, device="cpu"))
+    acts = est.activations(batch)
+    n = batch * (seq - 1)
+    hidden = torch.randn(batch, seq, 64, requires_grad=True)
+    labels = torch.randint(0, 1000, (batch, seq))
+    lm_head = torch.nn.Linear(64, 1000, bias=False).requires_grad_(False)
+
+    def step():
+        lm_loss.chunked_loss_sum(hidden, labels, lm_head).backward()
+
+    saved = n * (64 * 4 + 8) + batch * (seq - 1)  # rows, int64 targets, bool mask
+    assert acts["logits"] + saved == pytest.approx(peak_bytes(step), rel=0.05)
+    if chunk_rows:  # the rows' gradient, one chunk's 3 fp32 copies, 16 RNG states
+        rng = torch.get_rng_state().numel()
+        assert acts["logits"] == n * 64 * 4 + 3 * 4 * chunk_rows * 1000 + 16 * rng
+        assert acts["logits"] < batch * seq * 3 * 4 * 1000  # the plain path's logits
+
+
+def test_lm_task_estimates_like_sft(tmp_path, capsys):
+    spec_path = write_config(tmp_path, "llama")
+    cfg = EstimateConfig(method="lora", batch_size=2, seq_len=64)
+    sft = estimate(load_spec(spec_path, task="sft"), cfg)
+    lm = estimate(load_spec(spec_path, task="lm"), cfg)
+    assert lm.task == "lm" and lm.bytes == sft.bytes and lm.params == sft.params
+    data = json.loads(run_cli(["estimate", "--model", spec_path, "--task", "lm", "--json"],
+                              capsys))
+    assert [e["method"] for e in data["estimates"]] == ["full", "lora", "qlora"]
+    assert cli("estimate", "--model", "minilm", "--task", "lm") == 2
+
+
+def test_micro_batch_tokens_sets_the_pass(tmp_path, capsys):
+    """A token budget is what one pass holds (rows = budget // seq), whatever
+    --batch-size says; by default the budget is batch x seq."""
+    spec = load_spec(write_config(tmp_path, "llama"))
+
+    def at(**kw):
+        return Estimator(spec, EstimateConfig(method="lora", seq_len=256, **kw)).at()
+
+    default, rows4 = at(batch_size=16), at(batch_size=4)
+    assert at(batch_size=16, micro_batch_tokens=16 * 256).bytes == default.bytes
+    budget = at(batch_size=16, micro_batch_tokens=4 * 256)
+    assert budget.bytes == rows4.bytes
+    assert budget.to_dict()["rows_per_pass"] == 4 and budget.config.batch_size == 16
+    more = at(batch_size=4, micro_batch_tokens=8 * 256 + 100)
+    assert more.bytes["activations"] > at(batch_size=8).bytes["activations"]
+    data = json.loads(run_cli(["estimate", "--model", "gpt2", "--method", "lora", "--seq-len",
+                               "512", "--micro-batch-tokens", "2048", "--json"], capsys))
+    assert data["estimates"][0]["micro_batch_tokens"] == 2048
+    assert data["estimates"][0]["rows_per_pass"] == 4
+    assert cli("estimate", "--model", "gpt2", "--seq-len", "512",
+               "--micro-batch-tokens", "100") == 2
+    assert "smaller than one row" in capsys.readouterr().err
 
 
 def test_gradient_checkpointing_keeps_layer_inputs_only(tmp_path):

@@ -13,7 +13,7 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
 @click.option("--model", "model", default=None,
               help="Preset (gpt2, llama-2-7b, minilm, ...), model dir, config.json or hub id.")
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="all", show_default=True)
-@click.option("--task", type=click.Choice(["classify", "sft"]), default=None,
+@click.option("--task", type=click.Choice(["classify", "sft", "lm"]), default=None,
               help="Default: classify for encoders, sft for decoders.")
 @click.option("--num-labels", type=int, default=2, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16-mixed", "bf16", "amp-bf16"]),
@@ -22,7 +22,10 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
 @click.option("--optimizer", type=click.Choice(["adamw", "adamw-8bit", "sgd", "sgd-momentum"]),
               default="adamw", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--seq-len", type=int, default=None, help="Default: 128 classify, 512 sft.")
+@click.option("--seq-len", type=int, default=None, help="Default: 128 classify, 512 sft/lm.")
+@click.option("--micro-batch-tokens", type=int, default=None, metavar="N",
+              help="Padded tokens per forward/backward pass, as `loralab train` packs them "
+              "(rows per pass = N // seq-len). Default: batch-size x seq-len.")
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--targets", default="attention", show_default=True,
               help="attention, all-linear, or comma-separated module-name suffixes.")
@@ -37,8 +40,9 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
               help="Show how published tables get 84 / 112 / 168 GB (7B full) and 4-6 GB "
               "(QLoRA); --model defaults to llama-2-7b.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_len, rank,
-        targets, lora_dropout, grad_checkpointing, device, gpu, no_overhead, explain, as_json):
+def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_len,
+        micro_batch_tokens, rank, targets, lora_dropout, grad_checkpointing, device, gpu,
+        no_overhead, explain, as_json):
     """Estimate training memory for full / LoRA / QLoRA / head before loading anything."""
     from loralab.estimate import report as run
 
@@ -49,7 +53,8 @@ def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_l
         model, method, task=task, num_labels=num_labels, precision=precision,
         optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, rank=rank,
         targets=targets, lora_dropout=lora_dropout, grad_checkpointing=grad_checkpointing,
-        device=device, gpu=gpu, overhead=not no_overhead)
+        device=device, gpu=gpu, overhead=not no_overhead,
+        micro_batch_tokens=micro_batch_tokens)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -5,14 +5,51 @@ backward. With it (transformers wraps each decoder/encoder layer), only each
 layer's input is kept, plus the saved tensors of the one layer being
 recomputed in the backward (Chen et al. 2016, "Training Deep Nets with
 Sublinear Memory Cost"; Korthikanti et al. 2022 §4.2).
+
+A pass holds ``tokens`` tokens (the micro-batch token budget, ``rows x seq``
+by default): every per-token term scales with it, the attention scores with
+the sequence length.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loralab.estimate.layers import LAYERS, Arch, embeddings, head
 from loralab.estimate.tape import FP32, Regime, Tape
+
+CAUSAL_TASKS = ("sft", "lm")
+
+
+@dataclass
+class LossTerm:
+    """The causal-LM loss's own memory, per pass.
+
+    Plain path (``lm_loss.plain_loss_sum``): fp32 log-probabilities of the
+    (B, T, V) logits and, when the backward starts, their gradient and the
+    logits' gradient next to them (3 x fp32 per vocab entry), plus the int64
+    labels. Chunked path (``lm_loss.chunked_loss_sum``): the gradient of the
+    gathered hidden rows of the N labelled positions (the rows and the targets
+    are saved tensors, on the tape), and one chunk of at most
+    ``CHUNK_ELEMENTS`` logits at a time: in the
+    backward's recompute its fp32 log-softmax, their gradient and the logits'
+    gradient (and the soft-cap's tanh output where there is one); each chunk's
+    checkpoint also keeps the CPU RNG state (``preserve_rng_state``, ~5 KB)."""
+
+    per_token: float = 0.0  # plain path: bytes per token
+    per_row: float = 0.0  # chunked: bytes per labelled position
+    chunk_rows: int = 0  # chunked: rows of one chunk
+    per_chunk_row: float = 0.0  # chunked: bytes per row of the live chunk
+    per_chunk: int = 0  # chunked: the RNG state each checkpointed chunk stashes
+
+    def bytes(self, tokens: int, seq: int) -> float:
+        if not self.chunk_rows:
+            return tokens * self.per_token
+        labelled = tokens * (seq - 1) / seq  # position t predicts token t + 1
+        chunks = math.ceil(labelled / self.chunk_rows)
+        return (labelled * self.per_row + min(labelled, self.chunk_rows) * self.per_chunk_row
+                + chunks * self.per_chunk)
 
 
 @dataclass
@@ -20,12 +57,11 @@ class Activations:
     per_token_layers: list[float]  # bytes each layer saves per token
     per_token_outside: float  # embeddings + final norm + head, per token
     per_token_mask: float  # the attention mask shared by all layers
-    logits_per_token: float  # live logits, fp32 log-probs and their gradient
+    loss: LossTerm  # live logits, fp32 log-probs and their gradient
     layer_input_per_token: float  # what a checkpointed layer keeps
     per_position: float = 0.0  # RoPE cos/sin, shared by the batch and all layers
 
-    def total(self, batch: int, seq: int, grad_checkpointing: bool) -> dict:
-        tokens = batch * seq
+    def total(self, tokens: int, seq: int, grad_checkpointing: bool) -> dict:
         if grad_checkpointing:
             layers = (len(self.per_token_layers) * self.layer_input_per_token
                       + max(self.per_token_layers, default=0.0))
@@ -33,7 +69,24 @@ class Activations:
             layers = sum(self.per_token_layers)
         outside = self.per_token_outside + self.per_token_mask
         return {"activations": tokens * (layers + outside) + seq * self.per_position,
-                "logits": tokens * self.logits_per_token}
+                "logits": self.loss.bytes(tokens, seq)}
+
+
+def loss_term(arch: Arch, regime: Regime, rg: bool) -> LossTerm:
+    """What the causal-LM loss keeps, as ``loralab train`` computes it."""
+    if not rg:
+        return LossTerm()
+    if not arch.chunked:
+        return LossTerm(per_token=arch.vocab * 3 * FP32 + 8)
+    import torch
+
+    from loralab.train import lm_loss
+
+    copies = 3 + (1 if arch.final_softcap else 0)
+    return LossTerm(per_row=arch.hidden * regime.act_bytes,
+                    chunk_rows=max(1, lm_loss.CHUNK_ELEMENTS // arch.vocab),
+                    per_chunk_row=copies * FP32 * arch.vocab,
+                    per_chunk=torch.get_rng_state().numel())
 
 
 def count_activations(arch: Arch, regime: Regime, task: str, num_labels: int) -> Activations:
@@ -53,17 +106,11 @@ def count_activations(arch: Arch, regime: Regime, task: str, num_labels: int) ->
     if task == "classify" and out.rg:
         # cross-entropy on (B, labels): fp32 log-probabilities and int64 labels
         outside += (num_labels * FP32 + 8) / regime.seq
-    logits = 0.0
-    if task == "sft" and out.rg:
-        # the loss upcasts to fp32 and keeps the log-probabilities for backward;
-        # when the backward starts, the gradients w.r.t. the log-probabilities
-        # and w.r.t. the logits exist next to them (3 x fp32 per vocab entry);
-        # the int64 labels are kept by the loss
-        logits = arch.vocab * 3 * FP32 + 8
+    loss = loss_term(arch, regime, out.rg) if task in CAUSAL_TASKS else LossTerm()
     mask = 0.0
     if regime.padded and regime.attn_impl == "sdpa" and regime.device == "cuda":
         mask = regime.seq * 1.0  # one bool (B, 1, T, T) mask shared by all layers
     rope = 0.0
-    if arch.family == "llama" and sum(per_layer):
+    if arch.family in ("llama", "gemma", "olmo2", "phi3", "modernbert") and sum(per_layer):
         rope = 2 * arch.head_dim * regime.act_bytes  # cos and sin, (1, T, d) each
-    return Activations(per_layer, outside, mask, logits, arch.hidden * regime.act_bytes, rope)
+    return Activations(per_layer, outside, mask, loss, arch.hidden * regime.act_bytes, rope)

@@ -15,7 +15,7 @@ moments) plus the larger of
 from __future__ import annotations
 
 from loralab.errors import LoralabError
-from loralab.estimate.activations import count_activations
+from loralab.estimate.activations import CAUSAL_TASKS, count_activations
 from loralab.estimate.formula import (
     CPU_CLASSIFY_EXTRA,
     CPU_PROCESS_BYTES,
@@ -42,9 +42,10 @@ class Estimator:
 
     def __init__(self, spec: ModelSpec, cfg: EstimateConfig):
         cfg.check()
-        if cfg.method == "head" and spec.task == "sft":
+        if cfg.method == "head" and spec.task in CAUSAL_TASKS:
             raise LoralabError("method 'head' trains a classification head and does not fit "
-                               "task 'sft'.", hint="Fix: use --method lora, qlora or full.")
+                               f"task '{spec.task}'.", hint="Fix: use --method lora, qlora "
+                               "or full.")
         self.spec, self.cfg = spec, cfg
         self.arch = arch_of(spec.config, spec.model)
         self.groups, self.targets, self.heads = param_groups(spec, cfg)
@@ -88,27 +89,38 @@ class Estimator:
                       lora_bytes=lora_bytes(cfg), lora_dropout=cfg.lora_dropout,
                       device=cfg.device, padded=padded,
                       attn_impl=getattr(self.spec.model.config, "_attn_implementation", "sdpa")
-                      or "sdpa")
+                      or "sdpa", experts_impl=getattr(self.spec.model.config,
+                                                      "_experts_implementation", None)
+                      or "grouped_mm")
 
-    def profile(self, batch: int):
+    def profile(self, rows: int):
         """Bytes per token each layer saves (``activations.Activations``)."""
         padded = self.cfg.padded
         if padded is None:
-            padded = batch > 1  # batches of several texts are padded to the longest
+            padded = rows > 1  # batches of several texts are padded to the longest
         if padded not in self._acts:
             self._acts[padded] = count_activations(self.arch, self.regime(padded),
                                                    self.spec.task, self.spec.num_labels)
         return self._acts[padded]
 
-    def activations(self, batch: int) -> dict:
-        return self.profile(batch).total(batch, self.cfg.seq_len, self.cfg.grad_checkpointing)
+    def tokens(self, batch: int | None = None) -> int:
+        """Tokens per forward/backward pass: the micro-batch token budget for the
+        configured batch, ``batch x seq_len`` for any other (``max_batch_size``)."""
+        if batch is None or batch == self.cfg.batch_size:
+            return self.cfg.tokens
+        return batch * self.cfg.seq_len
 
-    def workspace(self, batch: int) -> int:
+    def activations(self, batch: int | None = None) -> dict:
+        tokens, seq = self.tokens(batch), self.cfg.seq_len
+        return self.profile(max(1, tokens // seq)).total(tokens, seq,
+                                                         self.cfg.grad_checkpointing)
+
+    def workspace(self, batch: int | None = None) -> int:
         """One layer's gradients in flight, the largest NF4 weight dequantized to
         the compute dtype (bitsandbytes does it per matmul) and autocast's cast
         copies of the trainable weights."""
         a, act = self.arch, self.cfg.prec.act
-        ws = batch * self.cfg.seq_len * (a.hidden + a.intermediate) * act
+        ws = self.tokens(batch) * (a.hidden + a.intermediate) * act
         cast = self.cfg.prec.autocast_cache * self._params["trainable"]
         return int(ws + act * self._dequant + cast)
 
@@ -130,6 +142,7 @@ class Estimator:
 
     # -- one batch size -----------------------------------------------------------
     def at(self, batch: int | None = None) -> Estimate:
+        """The peak for the configured pass, or for ``batch`` rows of ``seq_len``."""
         batch = self.cfg.batch_size if batch is None else batch
         b = dict(self._static)
         b.update({k: int(v) for k, v in self.activations(batch).items()})
@@ -143,7 +156,8 @@ class Estimator:
                       + b["overhead"])
         cfg = self.cfg if batch == self.cfg.batch_size else _with_batch(self.cfg, batch)
         return Estimate(self.spec.name, self.spec.model_type, self.spec.task, cfg,
-                        dict(self._params), b, dict(self.by_dtype), self.assumptions())
+                        dict(self._params), b, dict(self.by_dtype), self.assumptions(),
+                        approximate=list(self.arch.approx))
 
     def max_batch_size(self, capacity: int) -> int:
         """Largest batch whose peak fits ``capacity`` bytes (0: not even 1)."""
@@ -170,6 +184,15 @@ class Estimator:
         kernel = "fused (no T x T scores)" if attn.fused_attention(self.arch.attn_dropout) \
             else "unfused (keeps T x T probabilities)"
         out.append(f"attention: {attn.attn_impl} on {cfg.device}, {kernel}")
+        if cfg.micro_batch_tokens:
+            out.append(f"micro-batch token budget {cfg.micro_batch_tokens}: "
+                       f"{cfg.tokens // cfg.seq_len} rows of {cfg.seq_len} tokens per pass "
+                       "(more, shorter rows fill the same budget)")
+        if self.spec.task in CAUSAL_TASKS:
+            out.append("causal-LM loss: " + ("chunked over the labelled positions (at most "
+                       "2^25 fp32 logits live, train/lm_loss.py); every position counted "
+                       "as labelled" if self.arch.chunked else "plain (B, T, V) logits"))
+        out += [f"approximate: {note}" for note in self.arch.approx]
         if cfg.grad_checkpointing:
             out.append("gradient checkpointing: each layer keeps its input; one layer "
                        "is recomputed at a time")
@@ -188,7 +211,7 @@ class Estimator:
 def _with_batch(cfg: EstimateConfig, batch: int) -> EstimateConfig:
     from dataclasses import replace
 
-    return replace(cfg, batch_size=batch)
+    return replace(cfg, batch_size=batch, micro_batch_tokens=None)
 
 
 def estimate(spec: ModelSpec, cfg: EstimateConfig) -> Estimate:

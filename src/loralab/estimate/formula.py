@@ -90,6 +90,9 @@ class EstimateConfig:
     device: str = "cuda"
     overhead: bool = True  # add the CUDA context / CPU process baseline
     padded: bool | None = None  # padding reaches attention; None: when batch > 1
+    # padded tokens per forward/backward pass, as `loralab train --micro-batch-tokens`
+    # packs them (data/batching.py pack_by_tokens); None or 0: batch_size x seq_len
+    micro_batch_tokens: int | None = None
 
     def check(self) -> None:
         _one_of("method", self.method, METHODS)
@@ -103,9 +106,30 @@ class EstimateConfig:
                 flag = "--" + key.replace("_", "-")
                 raise LoralabError(f"{key} must be a positive integer (got {value!r}).",
                                    hint=f"Fix: pass {flag} 1 or more.")
+        self._check_budget()
         if not 0 <= self.lora_dropout < 1:
             raise LoralabError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout}).",
                                hint="Fix: pass --lora-dropout 0.05, or 0.")
+
+    def _check_budget(self) -> None:
+        budget = self.micro_batch_tokens
+        if budget is None:
+            return
+        if not isinstance(budget, int) or budget < 0:
+            raise LoralabError(f"micro_batch_tokens must be >= 0 (got {budget!r}).",
+                               hint="Fix: pass --micro-batch-tokens 4096, or 0 for "
+                               "batch_size rows per pass.")
+        if 0 < budget < self.seq_len:
+            raise LoralabError(
+                f"--micro-batch-tokens {budget} is smaller than one row of {self.seq_len} "
+                "tokens, which `loralab train` refuses.",
+                hint=f"Fix: pass --micro-batch-tokens {self.seq_len} or more, or a "
+                "shorter --seq-len.")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per pass: the budget (rows = budget // seq_len), else batch x seq."""
+        return self.micro_batch_tokens or self.batch_size * self.seq_len
 
     @property
     def prec(self) -> Precision:
@@ -146,6 +170,7 @@ class Estimate:
     bytes: dict
     weights_by_dtype: dict
     assumptions: list[str] = field(default_factory=list)
+    approximate: list[str] = field(default_factory=list)  # where the count is not exact
 
     @property
     def total(self) -> int:
@@ -157,12 +182,14 @@ class Estimate:
             "model": self.model, "model_type": self.model_type, "task": self.task,
             "method": cfg.method, "precision": cfg.prec.name, "optimizer": cfg.optimizer,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "micro_batch_tokens": cfg.tokens, "rows_per_pass": cfg.tokens // cfg.seq_len,
             "rank": cfg.rank if cfg.method in ("lora", "qlora") else None,
             "targets": cfg.targets if cfg.method in ("lora", "qlora") else None,
             "grad_checkpointing": cfg.grad_checkpointing, "device": cfg.device,
             "params": dict(self.params), "bytes": dict(self.bytes),
             "weights_by_dtype": dict(self.weights_by_dtype),
             "assumptions": list(self.assumptions),
+            "approximate": list(self.approximate),
         }
 
 

@@ -21,7 +21,7 @@ ROWS = [  # (key in Estimate.bytes, label)
 def build_report(model: str | None, method: str, *, task=None, num_labels=2, precision=None,
                  optimizer="adamw", batch_size=16, seq_len=None, rank=8, targets="attention",
                  lora_dropout=0.0, grad_checkpointing=False, device="cuda", gpu=None,
-                 overhead=True) -> dict:
+                 overhead=True, micro_batch_tokens=None) -> dict:
     """Estimates for ``method`` (or every method with ``"all"``) as plain data."""
     if not model:
         raise LoralabError("no model given.", hint="Fix: pass --model llama-2-7b (or a "
@@ -31,7 +31,7 @@ def build_report(model: str | None, method: str, *, task=None, num_labels=2, pre
     if seq_len is None:  # `loralab train`'s max_length defaults
         seq_len = 128 if spec.task == "classify" else 512
     methods = list(METHODS) if method == "all" else [method]
-    if spec.task == "sft" and method == "all":
+    if spec.task in ("sft", "lm") and method == "all":
         methods.remove("head")  # a head alone is a classifier
     precision = precision or ("bf16-mixed" if device == "cuda" else "fp32")
     out = {"model": model, "source": spec.source, "origin": spec.hub_id,
@@ -41,7 +41,7 @@ def build_report(model: str | None, method: str, *, task=None, num_labels=2, pre
                              batch_size=batch_size, seq_len=seq_len, rank=rank,
                              targets=targets, lora_dropout=lora_dropout,
                              grad_checkpointing=grad_checkpointing, device=device,
-                             overhead=overhead)
+                             overhead=overhead, micro_batch_tokens=micro_batch_tokens)
         est = Estimator(spec, cfg)
         row = est.at().to_dict()
         if capacity is not None:
@@ -57,7 +57,7 @@ def print_report(report: dict) -> None:
     ests = report["estimates"]
     first = ests[0]
     title = (f"{report['model']} ({report['model_type']}, {report['task']}) - "
-             f"batch {first['batch_size']} x seq {first['seq_len']}, {first['precision']}, "
+             + _shape(first) + f", {first['precision']}, "
              f"{first['optimizer']}, {first['device']}"
              + (", grad checkpointing" if first["grad_checkpointing"] else ""))
     table = Table(title=title, title_justify="left")
@@ -83,7 +83,15 @@ def print_report(report: dict) -> None:
     console = _console()
     console.print(table)
     for line in dict.fromkeys(a for e in ests for a in e["assumptions"]):
-        console.print(f"[dim]- {line}[/dim]")
+        style = "yellow" if line.startswith("approximate") else "dim"
+        console.print(f"[{style}]- {line}[/{style}]")
+
+
+def _shape(e: dict) -> str:
+    rows, seq, tokens = e["rows_per_pass"], e["seq_len"], e["micro_batch_tokens"]
+    if tokens == e["batch_size"] * seq:
+        return f"batch {e['batch_size']} x seq {seq}"
+    return f"{tokens} tokens per pass ({rows} rows x seq {seq})"
 
 
 def _console():

@@ -16,7 +16,7 @@ from loralab.errors import LoralabError
 from loralab.estimate.presets import PRESETS
 from loralab.models import build_meta_model, default_task, is_decoder
 
-TASKS = ("classify", "sft")
+TASKS = ("classify", "sft", "lm")
 
 # raw config.json keys the formula needs, per model_type (first spelling wins)
 _DECODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -24,7 +24,10 @@ _DECODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
 REQUIRED_KEYS = {
     "llama": _DECODER_KEYS, "mistral": _DECODER_KEYS, "qwen2": _DECODER_KEYS,
     "qwen3": _DECODER_KEYS, "bert": _DECODER_KEYS, "roberta": _DECODER_KEYS,
-    "xlm-roberta": _DECODER_KEYS,
+    "xlm-roberta": _DECODER_KEYS, "electra": _DECODER_KEYS, "deberta-v2": _DECODER_KEYS,
+    "modernbert": _DECODER_KEYS, "gemma2": _DECODER_KEYS, "gemma3_text": _DECODER_KEYS,
+    "phi3": _DECODER_KEYS, "olmo2": _DECODER_KEYS,
+    "qwen3_moe": _DECODER_KEYS + ("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
     "distilbert": ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"),
     "gpt2": ("n_embd", "n_layer", "n_head", "vocab_size"),
 }
@@ -128,10 +131,11 @@ def load_spec(name: str, task: str | None = None, num_labels: int = 2) -> ModelS
     mtype = check_fields(raw, name)
     task = task or default_task(_facts(raw))
     if task not in TASKS:
-        raise LoralabError(f"unknown task '{task}'.", hint="Fix: use --task classify or sft.")
-    if task == "sft" and not is_decoder(_facts(raw)):
+        raise LoralabError(f"unknown task '{task}'.",
+                           hint="Fix: use --task classify, sft or lm.")
+    if task in ("sft", "lm") and not is_decoder(_facts(raw)):
         raise LoralabError(f"'{name}' is an encoder ({mtype}); it does not generate text.",
-                           hint="Fix: use --task classify, or a decoder model for sft.")
+                           hint=f"Fix: use --task classify, or a decoder model for {task}.")
     if num_labels < 1:
         raise LoralabError(f"num_labels must be >= 1 (got {num_labels}).",
                            hint="Fix: pass --num-labels 2, for example.")

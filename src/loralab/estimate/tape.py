@@ -59,6 +59,7 @@ class Regime:
     device: str = "cuda"  # "cuda" | "cpu": picks the attention kernel and the mask dtype
     attn_impl: str = "sdpa"  # the config's attention: "sdpa", "eager", "flash_attention_2"
     padded: bool = True  # a padding mask reaches attention (GQA keys get repeated)
+    experts_impl: str = "grouped_mm"  # the config's MoE kernel: "eager" loops over experts
     training: bool = True
 
     def mask_bytes(self, nbytes: int) -> int:
@@ -136,26 +137,30 @@ class Tape:
         self.save(xin)  # dA needs A's input
         self.save(self.new(r.rank, True, nbytes=r.lora_bytes))  # dB needs A x
 
-    def rmsnorm(self, x: Sym, name: str, rows: int = 1) -> Sym:
+    def rmsnorm(self, x: Sym, name: str, rows: int = 1, w32: bool = False) -> Sym:
         """transformers' Python RMSNorm over ``rows`` groups per token:
-        h32 = x.float(); h32 * rsqrt(mean(h32^2) + eps); w * that.to(dtype)."""
+        h32 = x.float(); h32 * rsqrt(mean(h32^2) + eps); then Llama's
+        ``w * that.to(dtype)`` keeps the normalised input in the activation
+        dtype for dw, Gemma's ``(that * (1 + w)).to(dtype)`` and OLMo 2's
+        ``(w * that).to(dtype)`` (``w32``) keep it in fp32."""
         train = self.regime.trainable(name)
         if x.rg:
             x32 = x if x.nbytes == FP32 else self.new(x.elems, True, nbytes=FP32)
             self.save(x32)  # pow and the mul by rsqrt
             self.save(self.new(rows, True, nbytes=FP32))  # rsqrt(...)
         if train:
-            self.save(self.new(x.elems, x.rg))  # w * hs keeps hs for dw
+            self.save(self.new(x.elems, x.rg, nbytes=FP32 if w32 else None))
         return self.new(x.elems, x.rg or train)
 
-    def layernorm(self, x: Sym, name: str) -> Sym:
-        """ATen's fused layer norm: input plus mean and rstd (fp32) per row."""
+    def layernorm(self, x: Sym, name: str, rows: float = 1) -> Sym:
+        """ATen's fused layer norm: input plus mean and rstd (fp32) per row
+        (``rows`` rows per token: 1 / T for a pooled (B, h) input)."""
         train = self.regime.trainable(name)
         if x.rg or train:
             self.save(x)
             # mean and rstd: fp32 on CUDA, the input's dtype on CPU
             stats = FP32 if self.regime.device == "cuda" else x.nbytes
-            self.save(self.new(2, False, nbytes=stats))
+            self.save(self.new(2 * rows, False, nbytes=stats))
         return self.new(x.elems, x.rg or train)
 
     def act(self, x: Sym, fn: str) -> Sym:
@@ -183,19 +188,20 @@ class Tape:
         return self.new(x.elems, x.rg)
 
     def attention(self, q: Sym, k: Sym, v: Sym, heads: int, head_dim: int, kv_heads: int,
-                  dropout: float = 0.0, softmax_bytes: int | None = None) -> Sym:
+                  dropout: float = 0.0, softmax_bytes: int | None = None,
+                  softcap: float = 0.0) -> Sym:
         """Scaled dot-product attention; returns the input of the output projection."""
         r = self.regime
         rg = q.rg or k.rg or v.rg
         full = heads * head_dim
         if kv_heads != heads and r.repeats_kv():
             k, v = self.new(full, k.rg), self.new(full, v.rg)
-        if r.fused_attention(dropout):
+        if r.fused_attention(dropout) and not softcap:
             if rg and r.padded and r.attn_impl == "sdpa" and r.device == "cpu":
                 # the CPU kernel takes a float (B, 1, T, T) mask, made per layer
                 self.save(self.new(r.seq, False))
             return self._flash(q, k, v, heads, full, rg)
-        return self._math(q, k, v, heads, full, rg, dropout, softmax_bytes)
+        return self._math(q, k, v, heads, full, rg, dropout, softmax_bytes, softcap)
 
     def _flash(self, q, k, v, heads, full, rg) -> Sym:
         """Flash / memory-efficient kernels keep q, k, v, the output and the
@@ -207,12 +213,13 @@ class Tape:
             self.save(self.new(heads, False, nbytes=FP32))
         return out
 
-    def _math(self, q, k, v, heads, full, rg, dropout, softmax_bytes) -> Sym:
+    def _math(self, q, k, v, heads, full, rg, dropout, softmax_bytes, softcap=0.0) -> Sym:
         """Unfused attention keeps the (heads x T) probabilities per token.
 
         PyTorch's math SDPA computes bf16/fp16 inputs in fp32 (upcast copies of
         q, k, v); transformers' eager attention keeps the input dtype and runs
-        only the softmax in fp32 for Llama-style models.
+        only the softmax in fp32 for Llama-style models. Gemma 2's soft-cap
+        ``tanh(scores / c) * c`` keeps the tanh output (eager only).
         """
         r = self.regime
         if not rg:
@@ -222,6 +229,8 @@ class Tape:
         scores = heads * r.seq  # (B, heads, T, T) elements / (B T)
         for _ in (q, k):  # Q K^T keeps both operands (scaled copies on the math path)
             self.save(self.new(full, True, nbytes=nbytes))
+        if softcap:
+            self.save(self.new(scores, True, nbytes=nbytes))  # tanh output
         self.save(self.new(scores, True, nbytes=softmax_bytes))  # softmax backward
         if dropout and r.training:
             self.save(self.new(scores, False, nbytes=r.mask_bytes(nbytes)))
