@@ -167,3 +167,47 @@ def test_lm_eval_has_a_perplexity_interval(tmp_path):
     assert "the test split has 8 records: its perplexity is a rough figure." in caveats
     assert any(c.startswith("2 of 8 test records also appear in the training") for c in caveats)
     assert m["data"]["test_overlap"] == 2
+
+
+# --- compare --seeds N ------------------------------------------------------------
+
+
+def seeded(name: str, seed: int, f1: float, **kw) -> dict:
+    row = S.row(f"{name}-s{seed}", **kw)
+    row.update(seed=seed, test={"f1": f1, "accuracy": f1})
+    return row
+
+
+def test_seeds_plan_runs_each_method_at_consecutive_seeds():
+    from loralab.lab.compare import plan_compare
+
+    plan = plan_compare(methods="full,lora", seeds=3, train_args=("--seed", "7"))
+    assert [(r.name, plan.configs[r.name].seed) for r in plan.runs] == [
+        ("full-s7", 7), ("full-s8", 8), ("full-s9", 9),
+        ("lora-r8-s7", 7), ("lora-r8-s8", 8), ("lora-r8-s9", 9)]
+    assert "--seeds 3" in plan.command
+    assert [r.name for r in plan_compare(methods="lora").runs] == ["lora-r8"]
+    with pytest.raises(Exception, match="--seeds 0"):
+        plan_compare(methods="lora", seeds=0)
+
+
+def test_seed_summary_says_which_varies_more():
+    noisy = [seeded("full", 42 + i, f, method="full", trainable=10)
+             for i, f in enumerate((0.786, 0.862, 0.891))]
+    noisy += [seeded("lora-r8", 42 + i, f, method="lora", rank=8, trainable=1)
+              for i, f in enumerate((0.80, 0.85, 0.87))]
+    summary = R.seed_summary(noisy, R.F1)
+    full = summary["groups"]["full"]
+    assert full["mean"] == pytest.approx(84.63, abs=0.01)
+    assert full["spread"] == pytest.approx(5.43, abs=0.01)
+    assert full["seeds"] == [42, 43, 44] and summary["varies_more"] == "seeds"
+    lines = R.seed_lines(summary, R.F1)
+    assert lines[0] == "full FT: F1 84.6 ± 5.4 over 3 seeds"
+    assert lines[-1].endswith("seeds vary more: the ranking of the methods is within seed noise.")
+    page = build_report(noisy, S.META)
+    assert "<section id='seeds'>" in page and "84.6 ± 5.4 over 3 seeds" in page
+    steady = [seeded("full", 42 + i, 0.90 + i / 1000, method="full", trainable=10)
+              for i in range(2)] + [seeded("head", 42 + i, 0.70 + i / 1000, method="head")
+                                    for i in range(2)]
+    assert R.seed_summary(steady, R.F1)["varies_more"] == "methods"
+    assert R.seed_summary(S.classify_rows(), R.F1) is None  # no --seeds: no section

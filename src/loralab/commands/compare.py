@@ -83,10 +83,13 @@ def finish(plan, rows) -> None:
               "verified, into OUTPUT/export/ (docs/export.md).")
 @click.option("--export-quant", default="q8_0", show_default=True,
               help="GGUF type for --export (as `loralab export --quant`).")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Runs of each method, at seeds --seed .. --seed+N-1: the report gives "
+              "mean ± spread and says whether seeds or methods vary more.")
 @lab_options
-def cmd(methods, ranks, output, export_format, export_quant, model, data, task, overwrite,
-        general_text, generations, max_new_tokens, tune_lr, lr_factors, tune_fraction,
-        train_args):
+def cmd(methods, ranks, output, export_format, export_quant, seeds, model, data, task,
+        overwrite, general_text, generations, max_new_tokens, tune_lr, lr_factors,
+        tune_fraction, train_args):
     """Train the same model on the same data, split and seed by several methods,
     each in its own process, and measure them side by side. Any `loralab train`
     option (e.g. --epochs 2, --max-length 64) is passed to every run. With no
@@ -96,7 +99,8 @@ def cmd(methods, ranks, output, export_format, export_quant, model, data, task, 
     plan = plan_compare(model=model, data=data, task=task, methods=methods, ranks=ranks,
                         train_args=train_args, output=output, general_text=general_text,
                         generations=generations, max_new_tokens=max_new_tokens,
-                        tune_lr=tune_lr, lr_factors=lr_factors, tune_fraction=tune_fraction)
+                        tune_lr=tune_lr, lr_factors=lr_factors, tune_fraction=tune_fraction,
+                        seeds=seeds)
     if export_format:  # refused before any training when it could not be exported
         from loralab.export.lab import check_exportable
 

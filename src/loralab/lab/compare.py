@@ -43,6 +43,22 @@ def compare_runs(methods: list[str], ranks: list[int]) -> list[RunSpec]:
     return runs
 
 
+def seeded_runs(runs: list[RunSpec], seed: int, seeds: int) -> list[RunSpec]:
+    """``--seeds N``: every run at seeds seed .. seed+N-1, named ``NAME-sSEED``, so
+    the report can set the spread between seeds beside the gaps between methods."""
+    if seeds == 1:
+        return runs
+    return [RunSpec(f"{run.name}-s{seed + i}", {**run.overrides, "seed": seed + i})
+            for run in runs for i in range(seeds)]
+
+
+def _seed_count(seeds: int) -> int:
+    if not isinstance(seeds, int) or not 1 <= seeds <= 20:
+        raise LoralabError(f"--seeds {seeds}: give a whole number from 1 to 20 "
+                           "(e.g. --seeds 3: each method at three seeds).")
+    return seeds
+
+
 def shared_options(model, data, task, train_args) -> dict:
     from loralab.config import infer_task
 
@@ -66,9 +82,11 @@ def sft_settings(task: str, general_text: str | None) -> str | None:
 def plan_compare(*, model=None, data=None, task=None, methods=None, ranks=None,
                  train_args=(), output=DEFAULT_OUTPUT, general_text=None,
                  generations=DEFAULT_GENERATIONS, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                 tune_lr=False, lr_factors=None, tune_fraction=None) -> Plan:
+                 tune_lr=False, lr_factors=None, tune_fraction=None, seeds=1) -> Plan:
     """Validate everything and resolve one config per run; nothing runs yet.
-    ``tune_lr``: search each run's learning rate first (``lab.lr_search``)."""
+    ``tune_lr``: search each run's learning rate first (``lab.lr_search``);
+    ``seeds``: each run that many times, at consecutive seeds."""
+    from loralab.config import TrainConfig
     from loralab.lab.lr_search import tune_settings
 
     lab = tune_settings(tune_lr, lr_factors, tune_fraction)
@@ -81,7 +99,8 @@ def plan_compare(*, model=None, data=None, task=None, methods=None, ranks=None,
         shared["general_text"] = gt
     if generations < 0 or max_new_tokens < 1:
         raise LoralabError("--generations must be >= 0 and --max-new-tokens >= 1.")
-    runs = compare_runs(chosen, rank_list)
+    seed = int(shared.get("seed", TrainConfig.__dataclass_fields__["seed"].default))
+    runs = seeded_runs(compare_runs(chosen, rank_list), seed, _seed_count(seeds))
     configs = resolve_configs(shared, runs)
     command = command_line("compare", [
         ("--model", shared["model"]), ("--data", shared["data"]), ("--task", shared["task"]),
@@ -89,7 +108,8 @@ def plan_compare(*, model=None, data=None, task=None, methods=None, ranks=None,
         ("--output", output), ("--general-text", general_text),
         ("--generations", generations if shared["task"] == "sft" else None),
         ("--max-new-tokens", max_new_tokens if shared["task"] == "sft" else None),
-        *tune_flags(tune_lr, lr_factors, tune_fraction)], train_args)
+        *tune_flags(tune_lr, lr_factors, tune_fraction),
+        ("--seeds", seeds if seeds > 1 else None)], train_args)
     return Plan("compare", Path(output), runs, configs, general_text=gt,
                 generations=generations if shared["task"] == "sft" else 0,
                 max_new_tokens=max_new_tokens, command=command, lab=lab)

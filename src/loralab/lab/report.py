@@ -355,6 +355,7 @@ def build_report(rows: list[dict], meta: dict) -> str:
         header(meta, rows),
         verdict_section(rows, names, quality),
         Q.caveats_section(rows),
+        Q.seeds_section(rows, quality),
         runs_table(rows, names, quality, meta.get("lr_search")),
         Q.per_class_section(rows, names),
         variants_section(rows, names, quality),

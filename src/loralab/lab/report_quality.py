@@ -96,3 +96,17 @@ def per_class_section(rows: list[dict], names: list[str]) -> str:
     note = which + "Confusion matrices: rows are the true class, columns the predicted one."
     return (f"<section id='per-class'><h2>Per class</h2><p class='note'>{_esc(note)}</p>"
             f"{''.join(blocks)}</section>")
+
+
+def seeds_section(rows: list[dict], quality: R.Quality) -> str:
+    """``compare --seeds N``: each method's mean ± spread over its seeds, and
+    whether seeds or methods vary more."""
+    summary = R.seed_summary(rows, quality)
+    if summary is None:
+        return ""
+    items = "".join(f"<li>{_esc(line)}</li>" for line in R.seed_lines(summary, quality))
+    note = ("Spread: the sample standard deviation over seeds. A seed sets the "
+            "initialisation, the order of the training rows and, unless --eval-data and "
+            "--test-data are given, the split itself.")
+    return (f"<section id='seeds'><h2>Seeds</h2><ul class='verdict'>{items}</ul>"
+            f"<p class='note'>{_esc(note)}</p></section>")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import statistics
 from dataclasses import dataclass
 
 from loralab import stats
@@ -409,6 +411,63 @@ def caveats(rows: list[dict]) -> list[str]:
         for line in (row.get("data") or {}).get("caveats") or []:
             seen.setdefault(str(line), None)
     return list(seen)
+
+
+def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Finished runs of ``compare --seeds N`` by method: 'lora-r8-s42' and
+    'lora-r8-s43' are one group 'lora-r8' (the suffix matches the run's seed)."""
+    groups: dict[str, list[dict]] = {}
+    for row in ok_rows(rows):
+        name = str(row.get("run"))
+        base = re.sub(rf"-s{row.get('seed')}$", "", name)
+        if base != name:
+            groups.setdefault(base, []).append(row)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def seed_summary(rows: list[dict], quality: Quality) -> dict | None:
+    """Mean ± spread (sample standard deviation) of the quality over seeds per
+    method, and which varies more: the seeds within a method (the mean of those
+    spreads) or the methods (the spread of their means)."""
+    groups = {}
+    for base, members in seed_groups(rows).items():
+        values = [metric_value(r, quality.key) for r in members]
+        values = [_scaled(v, quality) for v in values if v is not None]
+        if len(values) > 1:
+            groups[base] = {"label": run_label(members[0], varying_keys(rows)),
+                            "mean": statistics.fmean(values), "spread": statistics.stdev(values),
+                            "seeds": sorted(r.get("seed") for r in members), "values": values}
+    if not groups:
+        return None
+    seeds = statistics.fmean(g["spread"] for g in groups.values())
+    methods = (statistics.stdev(g["mean"] for g in groups.values()) if len(groups) > 1
+               else None)
+    more = None if methods is None else ("seeds" if seeds >= methods else "methods")
+    return {"groups": groups, "seed_spread": seeds, "method_spread": methods,
+            "varies_more": more}
+
+
+def _figure(x: float, quality: Quality) -> str:
+    return f"{x:.1f}" if quality.points else fmt.number(x)
+
+
+def seed_lines(summary: dict, quality: Quality) -> list[str]:
+    """'LoRA r=8: F1 90.1 ± 1.2 over 3 seeds' per method, then the sentence on
+    which varies more."""
+    unit = " pt" if quality.points else ""
+    lines = [f"{g['label']}: {quality.label} {_figure(g['mean'], quality)} ± "
+             f"{_figure(g['spread'], quality)} over {len(g['values'])} seeds"
+             for g in summary["groups"].values()]
+    seeds = _figure(summary["seed_spread"], quality)
+    if summary["varies_more"] is None:
+        return lines
+    methods = _figure(summary["method_spread"], quality)
+    tail = ("seeds vary more: the ranking of the methods is within seed noise"
+            if summary["varies_more"] == "seeds"
+            else "methods vary more than seeds")
+    lines.append(f"{quality.label} spread between seeds (within a method) ±{seeds}{unit}, "
+                 f"between the methods' means ±{methods}{unit}: {tail}.")
+    return lines
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -58,9 +58,11 @@ def results_table(rows: list[dict], title: str | None = None) -> Table:
     reference row and the data's caveats beneath."""
     quality, full = R.headline_quality(rows), R.reference_row(rows)
     forgetting = any(r.get("forgetting") for r in rows)
-    caveats = R.caveats(rows)
+    seeds = R.seed_summary(rows, quality)
+    notes = [f"note: {c}" for c in R.caveats(rows)] + \
+        [f"seeds: {line}" for line in (R.seed_lines(seeds, quality) if seeds else [])]
     table = Table(title=title, show_lines=True, caption_justify="left",
-                  caption="\n".join(f"note: {c}" for c in caveats) or None)
+                  caption="\n".join(notes) or None)
     columns = ["method", "trainable", "time", "tok/s", "peak memory", "artifact",
                quality.label] + (["forgetting"] if forgetting else []) + ["vs full FT"]
     for i, name in enumerate(columns):
