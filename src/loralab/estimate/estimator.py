@@ -157,7 +157,7 @@ class Estimator:
         cfg = self.cfg if batch == self.cfg.batch_size else _with_batch(self.cfg, batch)
         return Estimate(self.spec.name, self.spec.model_type, self.spec.task, cfg,
                         dict(self._params), b, dict(self.by_dtype), self.assumptions(),
-                        approximate=list(self.arch.approx))
+                        approximate=self.arch.approximations(self.cfg.seq_len))
 
     def max_batch_size(self, capacity: int) -> int:
         """Largest batch whose peak fits ``capacity`` bytes (0: not even 1)."""
@@ -192,7 +192,7 @@ class Estimator:
             out.append("causal-LM loss: " + ("chunked over the labelled positions (at most "
                        "2^25 fp32 logits live, train/lm_loss.py); every position counted "
                        "as labelled" if self.arch.chunked else "plain (B, T, V) logits"))
-        out += [f"approximate: {note}" for note in self.arch.approx]
+        out += [f"approximate: {n}" for n in self.arch.approximations(cfg.seq_len)]
         if cfg.grad_checkpointing:
             out.append("gradient checkpointing: each layer keeps its input; one layer "
                        "is recomputed at a time")

@@ -68,7 +68,16 @@ class Arch:
     pooler_dropout: float = 0.0  # DeBERTa's ContextPooler
     pooler_act: str = "gelu"  # DeBERTa's pooler, ModernBERT's prediction head
     chunked: bool = False  # the causal-LM loss runs chunked (``train.lm_loss``)
+    sliding_window: int = 0  # Gemma 2/3, ModernBERT: local attention layers' window
     approx: list = field(default_factory=list)  # where a program is not exact, and why
+
+    def approximations(self, seq: int) -> list[str]:
+        """``approx``, plus what a sequence longer than the sliding window changes."""
+        if self.sliding_window and seq > self.sliding_window:
+            note = (f"sliding-window layers (window {self.sliding_window} < seq {seq}) "
+                    "counted like global ones: their mask is made even without padding")
+            return [*self.approx, note]
+        return list(self.approx)
 
 
 def _find(model: nn.Module, *suffixes: str) -> str:
@@ -143,15 +152,14 @@ def _moe_facts(a: Arch, c) -> None:
 
 def _approximations(a: Arch, c) -> None:
     if a.experts:
-        a.approx.append("MoE experts: each token counted at its k of E experts (the routed "
-                        "rows); the per-expert index bookkeeping (int64, a few bytes a "
-                        "token) is approximate")
+        a.approx.append("MoE experts: k of E routed rows per token, as transformers' "
+                        "grouped_mm and eager expert kernels save them on CPU (checked "
+                        "there); other kernels (deepgemm, sonicmoe) may keep other buffers")
     if a.family == "deberta" and getattr(c, "relative_attention", False):
         a.approx.append("DeBERTa-v2 disentangled attention (c2p/p2c position scores) "
                         "not counted: activations are a lower bound")
-    if getattr(c, "sliding_window", None) and a.family in ("gemma", "modernbert"):
-        a.approx.append("sliding-window layers counted like global ones (the same "
-                        "kernel and mask sizes when the sequence fits the window)")
+    if a.family in ("gemma", "modernbert"):
+        a.sliding_window = int(getattr(c, "sliding_window", 0) or 0)
 
 
 def _dropouts(c, family: str) -> tuple[float, float, float, float]:

@@ -27,7 +27,7 @@ REQUIRED_KEYS = {
     "xlm-roberta": _DECODER_KEYS, "electra": _DECODER_KEYS, "deberta-v2": _DECODER_KEYS,
     "modernbert": _DECODER_KEYS, "gemma2": _DECODER_KEYS, "gemma3_text": _DECODER_KEYS,
     "phi3": _DECODER_KEYS, "olmo2": _DECODER_KEYS,
-    "qwen3_moe": _DECODER_KEYS + ("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+    "qwen3_moe": _DECODER_KEYS,  # num_experts is saved as num_local_experts: read on the config
     "distilbert": ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"),
     "gpt2": ("n_embd", "n_layer", "n_head", "vocab_size"),
 }

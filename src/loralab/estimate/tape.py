@@ -194,9 +194,12 @@ class Tape:
         r = self.regime
         rg = q.rg or k.rg or v.rg
         full = heads * head_dim
-        if kv_heads != heads and r.repeats_kv():
+        fused = r.fused_attention(dropout) and not softcap
+        # repeat_kv copies k and v to every head; with one kv head its expand is a
+        # view, which the fused kernels read as it is and matmul still copies
+        if kv_heads != heads and r.repeats_kv() and (kv_heads > 1 or not fused):
             k, v = self.new(full, k.rg), self.new(full, v.rg)
-        if r.fused_attention(dropout) and not softcap:
+        if fused:
             if rg and r.padded and r.attn_impl == "sdpa" and r.device == "cpu":
                 # the CPU kernel takes a float (B, 1, T, T) mask, made per layer
                 self.save(self.new(r.seq, False))
