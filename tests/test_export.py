@@ -537,3 +537,22 @@ def test_compare_export_refused_before_any_training(tmp_path, capsys):
                "q4_k_m", "--output", out) == 2
     assert "cannot quantize Q4_K" in _one_line_error(capsys)
     assert not out.exists()
+
+
+def test_failed_check_deletes_a_float_file_and_warns_on_q8_0(models, tmp_path, capsys,
+                                                              monkeypatch):
+    """A float file that does not round-trip is a bug: deleted, exit 2. A q8_0 file
+    under its bar is complete, only lossier: kept, with a warning."""
+    from loralab.export import verify
+
+    base = models("llama")
+    capsys.readouterr()
+    monkeypatch.setattr(verify, "judge", lambda result, quant: (False, "forced"))
+    assert cli("export", "--model", base, "--quant", "f16",
+               "--output", tmp_path / "a.gguf") == 2
+    assert "failed its check (forced)" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+    assert cli("export", "--model", models("llama"), "--quant", "q8_0",
+               "--output", tmp_path / "b.gguf") == 0
+    assert "warning: q8_0 missed its bar (forced)" in capsys.readouterr().out
+    assert (tmp_path / "b.gguf").is_file() and not _report(tmp_path / "b.gguf")["verify"]["passed"]
