@@ -80,7 +80,10 @@ def main(argv=None):
         if debug:
             raise
         message, code = describe(err)
-        click.echo(f"error: {message}", err=True)
+        # under a launcher rank 0 reports for all ranks; another rank's own bug
+        # is still shown where it happened, as that rank's line
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        click.echo(f"{'error' if rank == '0' else f'rank {rank}'}: {message}", err=True)
         sys.exit(code)
 
 
