@@ -232,3 +232,19 @@ def test_bad_data_is_one_line_exit_2(tmp_path, capsys, monkeypatch, case, name, 
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_classify_trains_and_evaluates_on_parquet(tmp_path, capsys):
+    from train_support import class_rows
+
+    model = save_tiny(tmp_path, "bert")
+    data = write(tmp_path / "t.parquet", [{"body": t, "label": lab} for t, lab in class_rows(60)])
+    out = tmp_path / "run"
+    assert cli("train", "--model", model, "--data", data, "--text-column", "body",
+               "--method", "lora", "--output", out, "--max-steps", 2, "--quiet") == 0
+    assert json.loads((out / "metrics.json").read_text())["task"] == "classify"
+    capsys.readouterr()
+    assert cli("eval", "--model", model, "--adapter", out / "adapter", "--data", data,
+               "--text-column", "body", "--json") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kind"] == "classify" and res["examples"] == 60
