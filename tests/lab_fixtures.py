@@ -88,6 +88,45 @@ def sft_rows():
     ]
 
 
+HONEST_CAVEATS = [
+    ("the test split has 400 rows: an accuracy near 50% is known to about ±4.9 pt "
+     "(95%); smaller differences are noise."),
+    "class balance of the training data: ham 700 (58%), spam 500 (42%)."]
+
+
+def scored(name, method, y, pred, **kw):
+    """A row whose test split is what ``loralab train`` writes for ``pred``:
+    scores, intervals, baseline, at-chance flag, per-row predictions."""
+    from loralab.train.metrics import classification_metrics
+
+    out = row(name, method=method, **kw)
+    out["test"] = classification_metrics([int(v) for v in y], [int(v) for v in pred],
+                                         ["ham", "spam"], loss=0.5)
+    out["eval"] = {}
+    out["data"] = {"test_rows": len(y), "caveats": HONEST_CAVEATS}
+    return out
+
+
+def honest_rows():
+    """400 test rows: full FT right on 90 %, head-only answering 'spam' to all
+    (at chance), LoRA r=8 four rows from full FT (noise), LoRA r=2 right on 80 %."""
+    import numpy as np
+
+    truth = np.random.default_rng(0).integers(0, 2, 400)
+
+    def right(share, seed):
+        return np.where(np.random.default_rng(seed).random(400) < share, truth, 1 - truth)
+
+    full = right(0.9, 1)
+    near = full.copy()
+    near[:4] = 1 - near[:4]
+    return [scored("full", "full", truth, full, trainable=22_700_000, seconds=120.0),
+            scored("head", "head", truth, np.ones_like(truth), trainable=1_540, seconds=14.0),
+            scored("lora-r8", "lora", truth, near, rank=8, trainable=148_000, seconds=41.0),
+            scored("lora-r2", "lora", truth, right(0.8, 2), rank=2, trainable=37_000,
+                   seconds=39.0)]
+
+
 GENERATIONS = [
     {"prompt": "Give three tips for staying healthy.", "reference": "1. Eat well ...",
      "outputs": {"base": "Staying healthy is <important>.", "full": "1. Eat vegetables.",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import lab_fixtures as S
-import numpy as np
 import pytest
 from conftest import cli
 from rich.console import Console
@@ -21,41 +20,12 @@ from loralab.train.metrics import classification_metrics, lm_metrics
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 LABELS = ["ham", "spam"]
-CAVEATS = [("the test split has 400 rows: an accuracy near 50% is known to about ±4.9 pt "
-            "(95%); smaller differences are noise."),
-           "class balance of the training data: ham 700 (58%), spam 500 (42%)."]
-
-
-def predictions(y, accuracy: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.where(rng.random(len(y)) < accuracy, y, 1 - y)
-
-
-def scored(name: str, method: str, y, pred, **kw) -> dict:
-    """A lab row whose test split is what ``loralab train`` writes for ``pred``."""
-    row = S.row(name, method=method, **kw)
-    row["test"] = classification_metrics(list(map(int, y)), list(map(int, pred)), LABELS,
-                                         loss=0.5)
-    row["eval"] = {}
-    row["data"] = {"test_rows": len(y), "caveats": CAVEATS}
-    return row
+CAVEATS = S.HONEST_CAVEATS
 
 
 @pytest.fixture(scope="module")
-def truth():
-    return np.random.default_rng(0).integers(0, 2, 400)
-
-
-@pytest.fixture(scope="module")
-def rows(truth):
-    full = predictions(truth, 0.9, 1)
-    near = full.copy()
-    near[:4] = 1 - near[:4]  # four rows apart from full FT: noise on 400
-    return [scored("full", "full", truth, full, trainable=22_700_000, seconds=120.0),
-            scored("head", "head", truth, np.ones_like(truth), trainable=1_540, seconds=14.0),
-            scored("lora-r8", "lora", truth, near, rank=8, trainable=148_000, seconds=41.0),
-            scored("lora-r2", "lora", truth, predictions(truth, 0.8, 2), rank=2,
-                   trainable=37_000, seconds=39.0)]
+def rows():
+    return S.honest_rows()
 
 
 def test_metrics_carry_interval_baseline_and_rows():
@@ -107,7 +77,7 @@ def test_terminal_table_shows_intervals_baseline_and_caveats(rows):
     console.print(results_table(rows, title="loralab compare"))
     text = console.export_text()
     assert "F1 (class spam)" in text
-    assert "baseline: one constant answer" in text
+    assert "one constant answer" in text
     assert text.count("95% ") >= 4 and "at chance — not learned" in text
     assert "not distinguishable at this test size" in text
     for line in CAVEATS:
@@ -118,7 +88,7 @@ def test_report_shows_intervals_baseline_caveats_and_per_class(rows):
     page = build_report(rows, S.META)
     lo, hi = (100 * x for x in rows[0]["test"]["interval"]["f1"])
     assert f"95% {lo:.1f}–{hi:.1f}" in page
-    assert "<tr class='baseline'>" in page and "baseline: one constant answer" in page
+    assert "<tr class='baseline'>" in page and "one constant answer, the best for each" in page
     assert "F1 (class spam)" in page and "for class &#x27;spam&#x27;" in page
     assert page.count(R.AT_CHANCE) >= 2  # the head-only row and its verdict line
     assert "not distinguishable at this test size" in page and "(paired)" in page
@@ -130,7 +100,7 @@ def test_report_shows_intervals_baseline_caveats_and_per_class(rows):
 
 def test_sft_baseline_is_the_base_model_before_fine_tuning():
     page = build_report(S.sft_rows(), {**S.META, "task": "sft"})
-    assert "baseline: the base model" in page and "<td class='num'>21</td>" in page
+    assert "the base model before fine-tuning" in page and "<td class='num'>21</td>" in page
 
 
 def test_train_writes_intervals_rows_and_caveats(tmp_path):
@@ -201,6 +171,7 @@ def test_seed_summary_says_which_varies_more():
     assert full["mean"] == pytest.approx(84.63, abs=0.01)
     assert full["spread"] == pytest.approx(5.43, abs=0.01)
     assert full["seeds"] == [42, 43, 44] and summary["varies_more"] == "seeds"
+    assert R.reference_for(noisy[4], noisy) is noisy[1]  # judged against full FT at its seed
     lines = R.seed_lines(summary, R.F1)
     assert lines[0] == "full FT: F1 84.6 ± 5.4 over 3 seeds"
     assert lines[-1].endswith("seeds vary more: the ranking of the methods is within seed noise.")

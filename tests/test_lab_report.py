@@ -137,9 +137,10 @@ def test_console_check_catches_a_broken_page(tmp_path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("kind", ["classify", "sweep", "sft"])
+@pytest.mark.parametrize("kind", ["classify", "sweep", "sft", "honest"])
 def test_report_renders_in_headless_chromium(tmp_path, kind):
-    rows = {"classify": S.classify_rows, "sweep": S.sweep_rows, "sft": S.sft_rows}[kind]()
+    rows = {"classify": S.classify_rows, "sweep": S.sweep_rows, "sft": S.sft_rows,
+            "honest": S.honest_rows}[kind]()
     page = tmp_path / "report.html"
     write_report(page, rows, {**S.META, "generations": S.GENERATIONS if kind == "sft" else []})
     dom = chromium(page, tmp_path / "profile1", "--dump-dom")
@@ -148,6 +149,9 @@ def test_report_renders_in_headless_chromium(tmp_path, kind):
     # the browser parsed the charts into the DOM
     assert len(re.findall(r"<figure class=\"chart\"", dom.stdout)) >= 5
     assert dom.stdout.count("<svg") >= 5 and "id=\"runs\"" in dom.stdout
+    if kind == "honest":  # intervals, the baseline row and the caveats reach the DOM
+        assert "95% " in dom.stdout and "class=\"baseline\"" in dom.stdout
+        assert "id=\"caveats\"" in dom.stdout and "at chance — not learned" in dom.stdout
     shot = tmp_path / "shot.png"
     result = chromium(page, tmp_path / "profile2", f"--screenshot={shot}",
                       "--window-size=1280,2000")

@@ -38,6 +38,7 @@ white-space:pre-wrap;word-break:break-all}
 .gen td{max-width:520px;white-space:pre-wrap}.gen th{width:160px}
 .note{color:#5b6372;font-size:13px;max-width:900px}
 .at-chance{color:#b2182b;font-weight:600}.baseline td{background:#f3f4f7;font-style:italic}
+td .words{white-space:normal;display:inline-block;max-width:150px;text-align:right}
 """
 
 
@@ -62,8 +63,8 @@ def header(meta: dict, rows: list[dict]) -> str:
 
 def verdict_section(rows: list[dict], names: list[str], quality: R.Quality) -> str:
     full = R.reference_row(rows)
-    lines = [R.verdict(r, full, quality, n) for r, n in zip(rows, names)
-             if r.get("status") in R.HAS_RESULTS and r is not full]
+    lines = [R.verdict(r, R.reference_for(r, rows), quality, n) for r, n in zip(rows, names)
+             if r.get("status") in R.HAS_RESULTS and r is not R.reference_for(r, rows)]
     if full is not None:
         q = R.quality_text(full, quality)
         forgot = (full.get("forgetting") or {}).get("percent")
@@ -136,7 +137,8 @@ def runs_table(rows: list[dict], names: list[str], quality: R.Quality,
     for row, name in zip(rows, names):
         status = row.get("status", "?")
         shown = {"ok": "done", "skipped": "done earlier"}.get(status, status)
-        cells = (run_cells(row, full, quality) if status in R.HAS_RESULTS
+        cells = (run_cells(row, R.reference_for(row, rows) or full, quality)
+                 if status in R.HAS_RESULTS
                  else [f"<span class='small'>{esc(row.get('error'))}</span>"])
         span = "" if status in R.HAS_RESULTS else f" colspan='{len(TABLE_HEAD) - 2}'"
         tds = "".join(f"<td class='num'>{c}</td>" for c in cells) if not span else \

@@ -38,10 +38,11 @@ def quality_cell(row: dict, quality: R.Quality) -> str:
 
 
 def delta_cell(vs: dict, quality: R.Quality) -> str:
-    """'+1.7 pt, not distinguishable at this test size' and its interval."""
-    detail = R.difference_interval_text(vs, quality)
+    """'+1.7 pt', 'not distinguishable at this test size' and its interval."""
+    words, detail = R.difference_words(vs), R.difference_interval_text(vs, quality)
+    said = f"<br><span class='words'>{_esc(words)}</span>" if words else ""
     small = f"<br><span class='small'>{_esc(detail)}</span>" if detail else ""
-    return f"{_esc(R.delta_text(vs, quality))}{small}"
+    return f"{_esc(R._delta_number(vs, quality))}{said}{small}"
 
 
 def baseline_row(rows: list[dict], quality: R.Quality, head: tuple[str, ...]) -> str:
@@ -51,7 +52,10 @@ def baseline_row(rows: list[dict], quality: R.Quality, head: tuple[str, ...]) ->
     if base is None:
         return ""
     cells = [""] * (len(head) - 2)
-    cells[head.index("{q}") - 2] = _esc(R.baseline_text(base, quality))
+    other = R.ACCURACY if quality.key == "f1" else R.F1
+    second = R.baseline_text(base, other)
+    cells[head.index("{q}") - 2] = _esc(R.baseline_text(base, quality)) + (
+        f"<br><span class='small'>{other.label} {_esc(second)}</span>" if second != "—" else "")
     if fmt.is_number(base.get("before_ppl")) and "forgetting" in head:
         cells[head.index("forgetting") - 2] = fmt.number(base["before_ppl"])  # before
     tds = "".join(f"<td class='num'>{c}</td>" for c in cells)

@@ -120,15 +120,16 @@ def baseline(rows: list[dict], quality: Quality) -> dict | None:
     for row in done:
         base = split_of(row, quality.key).get("baseline") or {}
         if fmt.is_number(base.get(quality.key)):
-            return {"name": "baseline: one constant answer",
-                    "detail": (f"accuracy: always '{base.get('class')}' (the majority); "
-                               "F1/precision/recall: the best single answer"),
+            return {"name": "baseline",
+                    "detail": (f"one constant answer, the best for each score "
+                               f"(accuracy: always '{base.get('class')}')"),
                     "scores": base}
     before = [(r.get("forgetting") or {}).get("before_ppl") for r in done]
     before = next((b for b in before if fmt.is_number(b)), None)
     if before is not None:
-        return {"name": "baseline: the base model",
-                "detail": "before fine-tuning; general-text perplexity", "before_ppl": before}
+        return {"name": "baseline",
+                "detail": "the base model before fine-tuning (general-text perplexity)",
+                "before_ppl": before}
     return None
 
 
@@ -146,7 +147,7 @@ def quality_difference(row: dict, full: dict, quality: Quality) -> dict | None:
     predictions, else two independent intervals combined (normal approximation),
     else None."""
     a, b = split_of(row, quality.key), split_of(full, quality.key)
-    if not a or not b:
+    if not a or not b or row is full:
         return None
     paired = (quality.key in ("f1", "accuracy", "precision", "recall")
               and a.get("predictions") and b.get("predictions")
@@ -263,6 +264,15 @@ def memory_breakdown(row: dict) -> dict | None:
 def reference_row(rows: list[dict]) -> dict | None:
     """The finished full fine-tuning run everything is compared against."""
     return next((r for r in ok_rows(rows) if spec_of(r).get("method") == "full"), None)
+
+
+def reference_for(row: dict, rows: list[dict]) -> dict | None:
+    """The full fine-tuning run ``row`` is judged against: the one at its seed
+    under ``compare --seeds N`` (same split, so the difference is paired), else
+    the reference row."""
+    same = [r for r in ok_rows(rows) if spec_of(r).get("method") == "full"
+            and r.get("seed") == row.get("seed")]
+    return same[0] if same else reference_row(rows)
 
 
 def _div(a, b):

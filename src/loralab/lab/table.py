@@ -44,7 +44,10 @@ def _baseline_row(rows: list[dict], quality: R.Quality, columns: list[str]) -> l
     if base is None:
         return None
     cells = [f"[italic]{base['name']}[/]\n[dim]{base['detail']}[/]"] + [""] * (len(columns) - 1)
-    cells[columns.index(quality.label)] = R.baseline_text(base, quality)
+    other = R.ACCURACY if quality.key == "f1" else R.F1
+    second = R.baseline_text(base, other)
+    cells[columns.index(quality.label)] = R.baseline_text(base, quality) + (
+        f"\n[dim]{other.label} {second}[/]" if second != "—" else "")
     if "forgetting" in columns and fmt.is_number(base.get("before_ppl")):
         cells[columns.index("forgetting")] = fmt.number(base["before_ppl"])
     return cells
@@ -77,9 +80,10 @@ def results_table(rows: list[dict], title: str | None = None) -> Table:
             table.add_row(head, f"[red]failed[/]: {row.get('error')}",
                           *[""] * (len(columns) - 2))
             continue
-        vs = R.versus_full(row, full, quality)
+        ref = R.reference_for(row, rows) or full
+        vs = R.versus_full(row, ref, quality)
         ratios = (f"{fmt.ratio(vs.get('speedup'))} faster\n{fmt.ratio(vs.get('memory_ratio'))}"
-                  f" mem\n{R.delta_text(vs, quality)}") if vs and row is not full else "—"
+                  f" mem\n{R.delta_text(vs, quality)}") if vs and row is not ref else "—"
         cells = [(f"{fmt.count(row.get('trainable_params'))}\n"
                  f"{fmt.percent(row.get('trainable_percent'))}"),
                  fmt.seconds(row.get("train_seconds")), fmt.count(row.get("tokens_per_second")),
