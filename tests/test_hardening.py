@@ -182,9 +182,11 @@ def test_diverging_run_stops_without_an_artifact(env, tmp_path, capsys):
     code = cli("train", "--model", env["bert"], "--data", env["csv"], "--output", out,
                "--method", "full", "--lr", "1e6", "--max-steps", 8, "--eval-every", 1,
                "--quiet")
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "at step" in err and "lr" in err, err
+    lines = capsys.readouterr().err.strip().splitlines()  # the run's notices, then the error
+    err = lines[-1]
+    assert code == 2, lines
+    assert [ln for ln in lines if ln.startswith("error: ")] == [err], lines
+    assert "Traceback" not in "\n".join(lines) and "at step" in err and "lr" in err, err
     assert "learning rate is likely too high" in err
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
     state = out / "checkpoint" / "trainer_state.json"
