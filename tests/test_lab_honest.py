@@ -182,3 +182,26 @@ def test_seed_summary_says_which_varies_more():
                                     for i in range(2)]
     assert R.seed_summary(steady, R.F1)["varies_more"] == "methods"
     assert R.seed_summary(S.classify_rows(), R.F1) is None  # no --seeds: no section
+
+
+# --- compare/sweep --dry-run ---------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    from train_support import class_rows as rows_of
+
+    model = save_tiny(tmp_path, "bert")
+    data = write_csv(tmp_path / "d.csv", rows_of(60, seed=1))
+    out = tmp_path / "cmp"
+    assert cli("compare", "--dry-run", "--model", model, "--data", data, "--methods",
+               "full,lora", "--seeds", 2, "--output", out, "--batch-size", 8,
+               "--epochs", 2) == 0
+    text = capsys.readouterr().out
+    assert "4 runs, nothing trained" in text and not out.exists()
+    # 60 rows less the eval and test splits (10% each): 48 rows, 6 batches of 8, 2 epochs
+    for run in ("full-s42", "full-s43", "lora-r8-s42", "lora-r8-s43"):
+        line = next(x for x in text.splitlines() if run in x)
+        assert " 12 " in line and ("MiB" in line or "KiB" in line or "GiB" in line), line
+    assert cli("sweep", "--dry-run", "--model", model, "--data", data, "--ranks", "2,4",
+               "--output", out) == 0
+    assert "nothing trained" in capsys.readouterr().out and not out.exists()

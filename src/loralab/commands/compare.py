@@ -10,6 +10,10 @@ CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True,
            "help_option_names": ["-h", "--help"]}
 
 
+def _keep_dry_run(ctx, _param, value):
+    ctx.meta["loralab.dry_run"] = value  # read by run_plan: both commands, one place
+
+
 def lab_options(func):
     """Options shared by compare and sweep."""
     for option in reversed([
@@ -34,6 +38,8 @@ def lab_options(func):
                      "learning rate tried by --tune-lr [default: 0.333,1,3]."),
         click.option("--tune-fraction", type=float, default=None, help="Share of each run's "
                      "steps a --tune-lr search run trains [default: 0.25]."),
+        click.option("--dry-run", is_flag=True, expose_value=False, callback=_keep_dry_run,
+                     help="Print the plan (runs, steps, estimated peak memory) and exit."),
         click.argument("train_args", nargs=-1, type=click.UNPROCESSED),
     ]):
         func = option(func)
@@ -41,8 +47,16 @@ def lab_options(func):
 
 
 def run_plan(plan, overwrite: bool) -> list[dict]:
-    """The learning-rate search first when the plan asks for one, then the runs."""
+    """The learning-rate search first when the plan asks for one, then the runs;
+    with --dry-run, the plan printed instead and the command ends."""
     from loralab.lab.execute import execute
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("loralab.dry_run"):
+        from loralab.lab.dry_run import print_plan
+
+        print_plan(plan)
+        ctx.exit(0)
 
     if plan.lab.get("tune_lr"):
         from loralab.lab.lr_search import tune
