@@ -78,7 +78,7 @@ def test_single_class(bert, tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (("colour=blue",), "unknown setting 'colour'"),
     (("rank=abc",), "bad value for rank"),
-    (("rank=0",), "rank must be >= 1"),
+    (("rank=0",), "rank must be a positive integer"),
     (("--method", "qlora", "--task", "sft", "scheduler=wavy"), "unknown scheduler"),
     (("notes.txt",), "unexpected argument"),
 ])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_tokens < 1:
             raise LoralabError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise LoralabError(f"temperature and top_p must be finite numbers, got "
+                               f"{self.temperature} and {self.top_p}.")
         if self.temperature < 0:
             raise LoralabError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
@@ -362,7 +366,12 @@ def load_for_generation(model_name: str | None, adapter_dir=None):
     """``(model, tokenizer)`` for a decoder, with the adapter at ``adapter_dir``
     (a PEFT dir or a run dir) loaded and active, on the base it was trained on
     (NF4 for a QLoRA adapter). ``model_name`` None: the adapter's own base."""
-    from loralab.lora.adapters import adapter_task, load_base_and_adapter, read_adapter_config
+    from loralab.lora.adapters import (
+        adapter_base,
+        adapter_task,
+        load_base_and_adapter,
+        read_adapter_config,
+    )
     from loralab.models import can_generate, load_config, load_model
 
     if adapter_dir is not None:
@@ -372,7 +381,7 @@ def load_for_generation(model_name: str | None, adapter_dir=None):
                                hint="Fix: use `loralab eval` or the server's /v1/classify for it.")
     name = model_name
     if name is None:
-        name = config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+        name = adapter_base(config)
     if name is not None and not can_generate(load_config(name)):
         raise LoralabError(f"model '{name}' is not a text generator (an encoder or a "
                            "classifier checkpoint).",

@@ -40,12 +40,12 @@ def preflight(adapter_dir, output, base: str | None) -> None:
     merged model (every base weight in fp32, as loaded for the merge); removes
     what killed merges left next to it (a large model's: gigabytes)."""
     from loralab.io import check_free_space, check_writable, existing_parent, remove_stale_temps
-    from loralab.lora.adapters import adapter_task, read_adapter_config
+    from loralab.lora.adapters import adapter_base, adapter_task, read_adapter_config
 
     check_writable(output)
     remove_stale_temps(existing_parent(output.parent), depth=0)
     config = read_adapter_config(adapter_dir)
-    base = base or config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+    base = adapter_base(config, base)
     try:
         from loralab.estimate.spec import load_spec
 

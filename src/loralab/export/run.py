@@ -47,12 +47,11 @@ def load_merged(adapter_dir=None, base=None, model_dir=None):
         _check_arch(model_dir)
         model, tok = load_model(model_dir, "sft")
         return model.eval(), tok, {"model": str(model_dir)}
-    from loralab.lora.adapters import adapter_task, read_adapter_config
+    from loralab.lora.adapters import adapter_base, adapter_task, read_adapter_config
     from loralab.merge import merged_model
 
     config = read_adapter_config(adapter_dir)
-    meta = config["_loralab"]
-    base_name = base or meta.get("base_model") or config.get("base_model_name_or_path")
+    base_name = adapter_base(config, base)
     if base_name:
         _check_arch(base_name)
     if adapter_task(config) == "classify":

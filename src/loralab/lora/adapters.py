@@ -190,6 +190,12 @@ def read_adapter_config(adapter_dir) -> dict:
     return config
 
 
+def adapter_base(config: dict, base: str | None = None) -> str | None:
+    """The base model an adapter is for: ``base`` when the user gave one, else
+    what loralab.json or peft's ``base_model_name_or_path`` recorded."""
+    return base or config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+
+
 def adapter_task(config: dict) -> str | None:
     """The loralab task of an adapter read by :func:`read_adapter_config`."""
     return config["_loralab"].get("task") or PEFT_TASKS.get(config.get("task_type") or "")
@@ -296,7 +302,7 @@ def load_base_and_adapter(adapter_dir, base: str | None = None, *, adapter_name=
 
     config = read_adapter_config(adapter_dir)
     adapter_dir = Path(config["_dir"])
-    base = base or config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+    base = adapter_base(config, base)
     if not base:
         raise LoralabError(f"adapter '{adapter_dir}' does not say which base model it is for.",
                            hint="Fix: pass the base model (--base / --model).")

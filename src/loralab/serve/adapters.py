@@ -37,6 +37,7 @@ def within_root(path: Path, root: Path) -> bool:
 def inspect_adapter(path) -> AdapterInfo:
     """Read and check an adapter directory (or a run dir holding ``adapter/``)."""
     from loralab.lora.adapters import (
+        adapter_base,
         adapter_task,
         classifier_labels,
         head_rows,
@@ -50,7 +51,7 @@ def inspect_adapter(path) -> AdapterInfo:
         raise LoralabError(f"classification adapter {config['_dir']} has no saved head.",
                            hint="Fix: train it with the head in modules_to_save "
                            "(loralab does this by default).")
-    base = config["_loralab"].get("base_model") or config.get("base_model_name_or_path")
+    base = adapter_base(config)
     return AdapterInfo(Path(config["_dir"]), "classify" if classify else "generate",
                        classifier_labels(config) if classify else None, base, config,
                        quantized_base(config))
