@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -238,6 +239,25 @@ def test_new_families_padded(tmp_path, arch):
     repeat_kv's expand is then a view, not a copy."""
     task = "sft" if ARCHS[arch][2] == "decoder" else "classify"
     check_saved(load_spec(arch_file(tmp_path, arch), task=task), "lora", torch.float32, True)
+
+
+@pytest.mark.parametrize("params", ["experts", "experts.down_proj"])
+def test_lora_on_moe_experts(tmp_path, params):
+    """--target-parameters: peft's ParamWrapper factors counted, and the merged
+    W + BA each sparse layer's expert matmuls save."""
+    spec = load_spec(arch_file(tmp_path, "qwen3_moe"), task="sft")
+    batch, seq = 2, 24
+    cfg = EstimateConfig(method="lora", precision="fp32", rank=4, target_parameters=params,
+                         batch_size=batch, seq_len=seq, device="cpu", padded=False)
+    est = Estimator(spec, cfg)
+    model = materialize(spec)
+    inject_lora(model, LoRAConfig(r=4, targets="attention", task="sft",
+                                  target_parameters=params))
+    counts = est.at().params
+    assert counts["trainable"] == trainable_report(model)["trainable"]
+    assert counts["lora"] > estimate(spec, replace(cfg, target_parameters=None)).params["lora"]
+    measured = measure_step(spec, model, batch, seq, False)
+    assert est.activations(batch)["activations"] == pytest.approx(measured, rel=0.02)
 
 
 def test_approximate_programs_say_so(tmp_path, capsys):

@@ -29,6 +29,9 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--targets", default="attention", show_default=True,
               help="attention, all-linear, or comma-separated module-name suffixes.")
+@click.option("--target-parameters", default=None, metavar="NAMES",
+              help="LoRA on MoE experts' 3-D weights too, as `loralab train "
+              "--target-parameters`: experts, or e.g. experts.down_proj.")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
 @click.option("--grad-checkpointing", is_flag=True)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
@@ -41,7 +44,8 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
               "(QLoRA); --model defaults to llama-2-7b.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_len,
-        micro_batch_tokens, rank, targets, lora_dropout, grad_checkpointing, device, gpu,
+        micro_batch_tokens, rank, targets, target_parameters, lora_dropout,
+        grad_checkpointing, device, gpu,
         no_overhead, explain, as_json):
     """Estimate training memory for full / LoRA / QLoRA / head before loading anything."""
     from loralab.estimate import report as run
@@ -54,7 +58,7 @@ def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_l
         optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, rank=rank,
         targets=targets, lora_dropout=lora_dropout, grad_checkpointing=grad_checkpointing,
         device=device, gpu=gpu, overhead=not no_overhead,
-        micro_batch_tokens=micro_batch_tokens)
+        micro_batch_tokens=micro_batch_tokens, target_parameters=target_parameters)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

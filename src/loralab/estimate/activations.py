@@ -60,15 +60,19 @@ class Activations:
     loss: LossTerm  # live logits, fp32 log-probs and their gradient
     layer_input_per_token: float  # what a checkpointed layer keeps
     per_position: float = 0.0  # RoPE cos/sin, shared by the batch and all layers
+    fixed_layers: tuple = ()  # bytes each layer saves whatever the tokens (W + BA)
 
     def total(self, tokens: int, seq: int, grad_checkpointing: bool) -> dict:
+        fixed = self.fixed_layers or (0.0,)
         if grad_checkpointing:
             layers = (len(self.per_token_layers) * self.layer_input_per_token
                       + max(self.per_token_layers, default=0.0))
+            fixed = max(fixed)
         else:
             layers = sum(self.per_token_layers)
+            fixed = sum(fixed)
         outside = self.per_token_outside + self.per_token_mask
-        return {"activations": tokens * (layers + outside) + seq * self.per_position,
+        return {"activations": tokens * (layers + outside) + seq * self.per_position + fixed,
                 "logits": self.loss.bytes(tokens, seq)}
 
 
@@ -94,12 +98,13 @@ def count_activations(arch: Arch, regime: Regime, task: str, num_labels: int) ->
     tape = Tape(regime)
     x = embeddings(tape, arch)
     outside = tape.bytes()
-    per_layer = []
+    per_layer, fixed = [], []
     layer = LAYERS[arch.family]
     for i in range(arch.layers):
-        before = tape.bytes()
+        before, tape.fixed = tape.bytes(), 0.0
         x = layer(tape, arch, x, f"{arch.layer_prefix}.{i}.")
         per_layer.append(tape.bytes() - before)
+        fixed.append(tape.fixed)
     before = tape.bytes()
     out = head(tape, arch, x, task, num_labels, regime.seq)
     outside += tape.bytes() - before
@@ -113,4 +118,5 @@ def count_activations(arch: Arch, regime: Regime, task: str, num_labels: int) ->
     rope = 0.0
     if arch.family in ("llama", "gemma", "olmo2", "phi3", "modernbert") and sum(per_layer):
         rope = 2 * arch.head_dim * regime.act_bytes  # cos and sin, (1, T, d) each
-    return Activations(per_layer, outside, mask, loss, arch.hidden * regime.act_bytes, rope)
+    return Activations(per_layer, outside, mask, loss, arch.hidden * regime.act_bytes, rope,
+                       tuple(fixed) if any(fixed) else ())

@@ -24,6 +24,7 @@ from loralab.estimate.formula import (
     OPTIMIZERS,
     Estimate,
     EstimateConfig,
+    expert_targets,
     lora_bytes,
     optimizer_bytes,
     param_groups,
@@ -50,6 +51,7 @@ class Estimator:
         self.arch = arch_of(spec.config, spec.model)
         self.groups, self.targets, self.heads = param_groups(spec, cfg)
         self.by_dtype = weights_by_dtype(self.groups, spec.model, cfg)
+        self.expert_targets = expert_targets(spec, cfg)
         self._acts = {}
         self._static = self.static_bytes()
         self._params = self.params()
@@ -66,7 +68,8 @@ class Estimator:
         trainable = sum(x.count for x in self.groups if x.trainable)
         return {"total": total, "trainable": trainable,
                 "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0,
-                "lora": g.get("lora", 0), "quantized": g.get("base NF4", 0),
+                "lora": g.get("lora", 0) + g.get("lora experts", 0),
+                "quantized": g.get("base NF4", 0),
                 "lora_layers": len(self.targets)}
 
     def static_bytes(self) -> dict:
@@ -86,6 +89,7 @@ class Estimator:
                 return any(name == h or name.startswith(h + ".") for h in heads)
         return Regime(act_bytes=cfg.prec.act, seq=cfg.seq_len, trainable=trainable,
                       lora=self.targets.__contains__, rank=cfg.rank,
+                      lora_params=self.expert_targets, weight_bytes=cfg.prec.weight,
                       lora_bytes=lora_bytes(cfg), lora_dropout=cfg.lora_dropout,
                       device=cfg.device, padded=padded,
                       attn_impl=getattr(self.spec.model.config, "_attn_implementation", "sdpa")

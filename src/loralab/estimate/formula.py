@@ -85,6 +85,8 @@ class EstimateConfig:
     seq_len: int = 512
     rank: int = 8
     targets: str = "attention"
+    # MoE experts' 3-D weights, as `loralab train --target-parameters` (lora/param.py)
+    target_parameters: str | None = None
     lora_dropout: float = 0.0
     grad_checkpointing: bool = False
     device: str = "cuda"
@@ -238,7 +240,30 @@ def param_groups(spec: ModelSpec, cfg: EstimateConfig) -> tuple[list[Group], set
     heads = [n for m in mts for n in _numels(model.get_submodule(m))]
     if heads:  # ModulesToSave: a trainable copy next to the frozen original
         groups.append(Group("head copy", heads, wdtype, p.weight, True, p.grad, p.master))
+    experts = expert_lora_numels(spec, cfg)
+    if experts:  # LoRAParam makes its factors in the expert weight's dtype
+        groups.append(Group("lora experts", experts, wdtype, p.weight, True, p.grad, p.master))
     return groups, {name for name, _, _ in shapes}, list(mts)
+
+
+def expert_targets(spec: ModelSpec, cfg: EstimateConfig) -> dict[str, list[str]]:
+    """``{experts module: [3-D parameter]}`` that ``--target-parameters`` adapts."""
+    if cfg.method not in ("lora", "qlora") or not cfg.target_parameters:
+        return {}
+    from loralab.lora.param import find_target_parameters
+
+    return find_target_parameters(spec.model, cfg.target_parameters)
+
+
+def expert_lora_numels(spec: ModelSpec, cfg: EstimateConfig) -> list[int]:
+    """peft's ParamWrapper factors per 3-D parameter (E, out, in): A = Linear(in, r*E),
+    B = Linear(r*E, out), the shapes ``lora.param.LoRAParam.add_adapter`` makes."""
+    out = []
+    for module, pnames in expert_targets(spec, cfg).items():
+        for pname in pnames:
+            e, a, b = getattr(spec.model.get_submodule(module), pname).shape
+            out += [cfg.rank * e * b, cfg.rank * e * a]
+    return out
 
 
 def lora_bytes(cfg: EstimateConfig) -> int:

@@ -242,18 +242,23 @@ def moe_mlp(t: Tape, a: Arch, n: Sym, p: str) -> Sym:
     # gather / sort / scatter indices, int64 per routed row: eager's loop keeps
     # one (rows, 2) `where` result, grouped_mm three permutations
     idx = 16 if r.experts_impl == "eager" else 24
-    train = r.trainable(p + "experts")
-    if n.rg or train:
+    full = r.trainable(p + "experts")
+    adapted = r.lora_params.get(p + "experts", ())
+    # LoRAParam runs the experts on W + BA, a tensor of its own the matmuls save
+    per = {"gate_up_proj": 2 * inter * a.hidden, "down_proj": inter * a.hidden}
+    t.fixed += sum(a.experts * per[name] * r.weight_bytes for name in adapted)
+    train_gu, train_down = full or "gate_up_proj" in adapted, full or "down_proj" in adapted
+    if n.rg or train_gu or train_down:
         t.save(t.new(k * idx / 8, False, nbytes=8))
     rows = t.new(k * a.hidden, n.rg)  # (S, h): the routed copies of the input
-    if train:
+    if train_gu:
         t.save(rows)  # dW_gate_up = dy^T x per expert
-    gu = t.new(k * 2 * inter, n.rg or train)  # (S, 2I)
+    gu = t.new(k * 2 * inter, n.rg or train_gu)  # (S, 2I)
     gate, up = (Sym(k * inter, gu.nbytes, gu.rg, view_of=gu) for _ in range(2))
     h = t.mul(t.act(gate, a.act), up)  # (S, I)
-    if train:
+    if train_down:
         t.save(h)  # dW_down
-    out = t.new(k * a.hidden, h.rg or train)  # (S, h)
+    out = t.new(k * a.hidden, h.rg or train_down)  # (S, h)
     weights = Sym(k, r.act_bytes, logits.rg)  # routing weights of the rows
     t.mul(out, weights)
     return t.new(a.hidden, out.rg or weights.rg)  # summed over the k rows

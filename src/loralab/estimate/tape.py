@@ -60,6 +60,9 @@ class Regime:
     attn_impl: str = "sdpa"  # the config's attention: "sdpa", "eager", "flash_attention_2"
     padded: bool = True  # a padding mask reaches attention (GQA keys get repeated)
     experts_impl: str = "grouped_mm"  # the config's MoE kernel: "eager" loops over experts
+    # LoRA on 3-D parameters (LoRAParam, --target-parameters): {module: [parameter]}
+    lora_params: dict = field(default_factory=dict)
+    weight_bytes: int = FP32  # dtype of the base weights (a merged W + BA is one)
     training: bool = True
 
     def mask_bytes(self, nbytes: int) -> int:
@@ -93,6 +96,7 @@ class Regime:
 class Tape:
     regime: Regime
     saved: dict = field(default_factory=dict)  # id -> (Sym, bytes)
+    fixed: float = 0.0  # saved bytes that do not grow with the tokens (merged weights)
 
     # -- bookkeeping ------------------------------------------------------
     def new(self, elems: float, rg: bool, nbytes: int | None = None) -> Sym:
