@@ -37,7 +37,9 @@ def _peak_estimate(cfg, labels: int, device: str) -> int | None:
     try:
         report = build_report(cfg.model, cfg.method, task=cfg.task, num_labels=labels,
                               batch_size=cfg.batch_size, seq_len=cfg.max_length,
-                              rank=cfg.rank or 8, targets=cfg.targets, device=device)
+                              rank=cfg.rank or 8, targets=cfg.targets, device=device,
+                              micro_batch_tokens=getattr(cfg, "micro_batch_tokens", None),
+                              target_parameters=getattr(cfg, "target_parameters", None))
     except LoralabError:
         return None  # a model the estimator cannot read: the plan still prints
     return report["estimates"][0]["bytes"]["total"]
