@@ -35,7 +35,8 @@ class LossTerm:
     ``CHUNK_ELEMENTS`` logits at a time: in the
     backward's recompute its fp32 log-softmax, their gradient and the logits'
     gradient (and the soft-cap's tanh output where there is one); each chunk's
-    checkpoint also keeps the CPU RNG state (``preserve_rng_state``, ~5 KB)."""
+    checkpoint also keeps the CPU RNG state (``preserve_rng_state``, ~5 KB, host
+    memory: counted on CPU)."""
 
     per_token: float = 0.0  # plain path: bytes per token
     per_row: float = 0.0  # chunked: bytes per labelled position
@@ -90,7 +91,8 @@ def loss_term(arch: Arch, regime: Regime, rg: bool) -> LossTerm:
     return LossTerm(per_row=arch.hidden * regime.act_bytes,
                     chunk_rows=max(1, lm_loss.CHUNK_ELEMENTS // arch.vocab),
                     per_chunk_row=copies * FP32 * arch.vocab,
-                    per_chunk=torch.get_rng_state().numel())
+                    # the stashed CPU RNG state lives in host memory: CPU runs only
+                    per_chunk=torch.get_rng_state().numel() if regime.device == "cpu" else 0)
 
 
 def count_activations(arch: Arch, regime: Regime, task: str, num_labels: int) -> Activations:
