@@ -6,6 +6,10 @@ import sys
 
 import click
 
+from loralab.config import TASKS
+from loralab.lab.compare import DEFAULT_OUTPUT as COMPARE_OUTPUT
+from loralab.lab.plan import DEFAULT_METHODS, METHODS
+
 CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True,
            "help_option_names": ["-h", "--help"]}
 
@@ -21,7 +25,7 @@ def lab_options(func):
                      "[default: minilm for classify, smollm2-135m for sft and lm]."),
         click.option("--data", default=None, help="Data file or built-in set "
                      "(tickets, instructions) [default: tickets]."),
-        click.option("--task", type=click.Choice(["classify", "sft", "lm"]), default=None,
+        click.option("--task", type=click.Choice(TASKS), default=None,
                      help="Task [default: from the data]."),
         click.option("--overwrite", is_flag=True, help="Replace an output dir that holds a "
                      "different comparison."),
@@ -86,11 +90,10 @@ def finish(plan, rows) -> None:
 
 
 @click.command("compare", context_settings=CONTEXT)
-@click.option("--methods", default=None, help="Comma-separated: full, head, lora, qlora, "
-              "and the LoRA variants dora, qdora, pissa, olora, rslora, lora-plus "
-              "[default: full,head,lora,qlora for classify; full,lora,qlora for sft].")
+@click.option("--methods", default=None, help="Comma-separated: " + ", ".join(METHODS) + " [default: "
+              + "; ".join(f"{','.join(m)} for {t}" for t, m in DEFAULT_METHODS.items()) + "].")
 @click.option("--ranks", default=None, help="LoRA/QLoRA ranks, comma-separated [default: 8].")
-@click.option("--output", default="runs/compare", show_default=True,
+@click.option("--output", default=COMPARE_OUTPUT, show_default=True,
               help="Output dir: one run dir per run, results.json/.csv, report.html.")
 @click.option("--export", "export_format", type=click.Choice(["gguf"]), default=None,
               help="Export the best run (by the report's headline quality) to GGUF, "

@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from loralab.commands.compare import CONTEXT, finish, lab_options, run_plan
+from loralab.lab.sweep import DEFAULT_OUTPUT, DEFAULT_RANKS
 
 
 @click.command("sweep", context_settings=CONTEXT)
 @click.option("--methods", default=None, help="Swept methods: lora, qlora and/or the "
               "variants dora, qdora, pissa, olora, rslora, lora-plus [default: lora].")
 @click.option("--ranks", default=None, help="Ranks, comma-separated "
-              "[default: 1,2,4,8,16,32,64].")
+              f"[default: {','.join(map(str, DEFAULT_RANKS))}].")
 @click.option("--alphas", default=None, help="Alphas: numbers or multiples of the rank "
               "such as 2r, comma-separated [default: 2r].")
 @click.option("--lrs", default=None, help="Learning rates, comma-separated "
@@ -20,7 +21,7 @@ from loralab.commands.compare import CONTEXT, finish, lab_options, run_plan
               "commas: attention, all-linear [default: attention].")
 @click.option("--baselines", default=None, help="Reference runs: full, head or none "
               "[default: full,head for classify; full for sft].")
-@click.option("--output", default="runs/sweep", show_default=True,
+@click.option("--output", default=DEFAULT_OUTPUT, show_default=True,
               help="Output dir: one run dir per grid point, results, report.html.")
 @lab_options
 def cmd(methods, ranks, alphas, lrs, targets, baselines, output, model, data, task, overwrite,
