@@ -5,6 +5,7 @@ caveats in the table and the report."""
 from __future__ import annotations
 
 import json
+import re
 
 import lab_fixtures as S
 import pytest
@@ -103,13 +104,14 @@ def test_sft_baseline_is_the_base_model_before_fine_tuning():
     assert "the base model before fine-tuning" in page and "<td class='num'>21</td>" in page
 
 
-def test_train_writes_intervals_rows_and_caveats(tmp_path):
+def test_train_writes_intervals_rows_and_caveats(tmp_path, capsys):
     model = save_tiny(tmp_path, "bert")
     train = write_csv(tmp_path / "train.csv", class_rows(60, seed=1))
     test = write_csv(tmp_path / "test.csv", class_rows(20, seed=2) + class_rows(60, seed=1)[:5])
     out = tmp_path / "run"
     assert cli("train", "--model", model, "--data", train, "--test-data", test, "--output",
                out, "--method", "lora", "--epochs", 1, "--quiet") == 0
+    assert re.search(r"accuracy \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", capsys.readouterr().out)
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["test"]["predictions"]) == len(m["test"]["targets"]) == 25
     assert set(m["test"]["interval"]) == {"accuracy", "precision", "recall", "f1"}

@@ -10,6 +10,13 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
+def _score(scores: dict, key: str) -> str:
+    """'f1 0.8125 [0.7410, 0.8790]': the figure and its 95 % bootstrap interval."""
+    lo_hi = (scores.get("interval") or {}).get(key)
+    span = f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
+    return f"{key} {scores[key]:.4f}{span}"
+
+
 def print_summary(run_dir: Path, as_json: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -39,7 +46,8 @@ def print_summary(run_dir: Path, as_json: bool = False) -> None:
         scores = metrics.get(split) or {}
         keys = [k for k in ("accuracy", "f1", "loss", "perplexity") if k in scores]
         if keys:
-            rows.append((split, "  ".join(f"{k} {scores[k]:.4f}" for k in keys)))
+            rows.append((split, "  ".join(_score(scores, k) for k in keys)
+                         + ("  at chance — not learned" if scores.get("at_chance") else "")))
     if "forgetting" in metrics:
         f = metrics["forgetting"]
         rows.append(("forgetting", (f"ppl {f['before_ppl']:.2f} -> {f['after_ppl']:.2f} "
