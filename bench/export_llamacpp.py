@@ -67,7 +67,8 @@ def _hf_greedy(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
                          dtype=torch.long), max_new_tokens=n, do_sample=False,
                          eos_token_id=sorted(eos), pad_token_id=min(eos))
-    return out[0, len(ids):].tolist()
+    new = out[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] in eos else new  # as the llama.cpp loop: EOS not kept
 
 
 def greedy(llm, model, tok, prompts: list[str]) -> dict:
