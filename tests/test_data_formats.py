@@ -115,6 +115,11 @@ def test_task_from_the_data(tmp_path):
     assert infer_task(str(write(tmp_path / "c.parquet", [{"text": "a", "label": "x"}]))) \
         == "classify"
     assert infer_task(str(write(tmp_path / "c.csv", [{"text": "a", "label": "x"}]))) == "classify"
+    raw = tmp_path / "wiki.raw"  # no known extension: told by the content
+    raw.write_text(" = Heading = \n Prose, with a comma .\n More prose .\n")
+    sms = tmp_path / "SMSCollection"
+    sms.write_text("ham\tok then\nspam\twin a prize, now\nham\tsee you\n")
+    assert infer_task(str(raw)) == "lm" and infer_task(str(sms)) == "classify"
     with pytest.raises(LoralabError, match=r"fields \('foo', 'bar'\).*--task"):
         infer_task(str(write_jsonl(tmp_path / "u.jsonl", [{"foo": 1, "bar": 2}])))
 

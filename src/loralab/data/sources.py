@@ -53,15 +53,18 @@ def source_kind(data: str) -> str:
 
 def _sniff_content(path: Path) -> str:
     """No known extension: Parquet by its magic bytes, JSON by its first
-    character, else a delimited table (e.g. the SMS collection's bare name)."""
+    character, a delimited table when one delimiter is on every one of the first
+    lines (the SMS collection's bare name), else plain text (WikiText's .raw)."""
     with open(path, "rb") as fh:
         head = fh.read(4096)
     if head.startswith(b"PAR1"):
         return "parquet"
-    first = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")[:1]
-    if first == "[":
-        return "json"
-    return "jsonl" if first == "{" else "csv"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if text[:1] in ("[", "{"):
+        return "json" if text[:1] == "[" else "jsonl"
+    lines = [ln for ln in text.splitlines()[:20] if ln.strip()][:-1] or text.splitlines()[:1]
+    delimited = any(all(d in ln for ln in lines) for d in ("\t", ",", ";", "|"))
+    return "csv" if lines and delimited else "text"
 
 
 def read_records(data: str, split: str | None = None, config: str | None = None) -> Records:
