@@ -5,7 +5,8 @@ Three measures, on inputs fixed in advance so runs compare:
 - max |logit difference| and top-1 agreement, teacher-forced on the merge
   check texts (``loralab.merge.CHECK_TEXTS``): where float formats must agree
   to rounding;
-- greedy continuations of the same texts, token for token: what q8_0 must keep;
+- greedy continuations of the same texts, token for token (reported; a real
+  model's q8_0 continuation may part after a near-tie, see judge());
 - perplexity on the general-text sample, both models: the number a user
   weighs when choosing 4-5 bit formats.
 
