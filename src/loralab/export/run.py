@@ -89,8 +89,10 @@ def export_gguf(output, quant: str = "q8_0", *, adapter_dir=None, base=None, mod
 def _write_verified(writer, plan, model, tok, quant, path: Path, estimate: int, echo) -> dict:
     from loralab.export.gguf import LOSSLESS, type_counts, write_gguf
     from loralab.export.verify import verify
+    from loralab.io import owned_temp_path, remove_stale_temps
 
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.gguf")
+    remove_stale_temps(path.parent, depth=0)  # what a killed export left behind
+    tmp = owned_temp_path(path)
     try:
         t0 = time.perf_counter()
         write_gguf(writer, plan, model, tmp)
