@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from loralab.data.batching import collate, plan_batches
-from loralab.data.encode import IGNORE, Encoded
+from loralab.data.encode import Encoded
 from loralab.train.distributed import is_sharded, rank_batches
+from loralab.train.lm_loss import row_loss_sums
 from loralab.train.metrics import classification_metrics, lm_metrics
 
 
@@ -53,17 +54,17 @@ class Evaluator:
         return self._metrics(rows, enc)
 
     def _batch(self, batch: dict, idx: list[int]) -> list[tuple]:
-        logits = self.model(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
-        if labels.ndim == 1:  # logits (B, C) -> (index, predicted id, loss) per row
-            losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-            return list(zip(idx, logits.argmax(-1).tolist(), losses.tolist()))
-        # causal LM: logits (B, T, V); position t predicts token t+1
-        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
-                                     ignore_index=IGNORE, reduction="none")  # (B, T-1)
-        counts = (labels[:, 1:] != IGNORE).sum(-1)  # (B,)
-        return list(zip(idx, token_loss.sum(-1).tolist(), counts.tolist()))
+        if labels.ndim > 1:  # causal LM: (index, loss sum, label count) per row
+            # the training loss's labelled positions and chunks, no (B, T, V) logits;
+            # FSDP keeps the head sharded outside the root forward: plain path
+            inner = None if is_sharded(self.acc) else self.model
+            sums, counts = row_loss_sums(self.model, batch, inner)  # (B,), (B,)
+            return list(zip(idx, sums.tolist(), counts.tolist()))
+        logits = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
+        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+        return list(zip(idx, logits.argmax(-1).tolist(), losses.tolist()))
 
     def _metrics(self, rows: list[tuple], enc: Encoded) -> dict:
         rows = sorted({r[0]: r for r in rows}.values(), key=lambda r: r[0])
@@ -72,4 +73,5 @@ class Evaluator:
             y_pred = [p for _, p, _ in rows]
             loss = sum(x for _, _, x in rows) / max(len(rows), 1)
             return classification_metrics(y_true, y_pred, self.labels, loss=loss)
-        return lm_metrics(sum(s for _, s, _ in rows), int(sum(c for _, _, c in rows)))
+        sums, counts = [s for _, s, _ in rows], [int(c) for _, _, c in rows]
+        return lm_metrics(sum(sums), sum(counts), sums, counts)
