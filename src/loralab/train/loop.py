@@ -86,8 +86,8 @@ class Loop:
         self.sparse_embeddings = [_DenseGrad(p) for p in _sparse_embeddings(
             self.acc.unwrap_model(self.model), self.world, accelerator.device.type)]
         self.state = LoopState(world=self.world)
-        self.multiple = 8 if accelerator.device.type == "cuda" else 1  # tensor-core tiles
-        self._check_budget()
+        self.multiple = device_multiple(accelerator.device.type)
+        check_budget(cfg.micro_batch_tokens, train.lengths, self.multiple)
         self.evaluator = Evaluator(self.model, accelerator, pad_id, cfg.eval_batch_size,
                                    label_names)
 
@@ -173,18 +173,6 @@ class Loop:
         if self.world > 1 and self.inner is None:  # sharded
             count = max(count, *(len(packed(r)) for r in range(self.world)))
         return plan + [(micro[0][:1], 0.0)] * (count - len(plan))
-
-    def _check_budget(self) -> None:
-        budget, lengths = self.cfg.micro_batch_tokens, self.train_set.lengths
-        longest = max(lengths, default=0)
-        width = padded_width(longest, self.multiple)
-        if budget and width > budget:
-            padded = f", padded to {width} on this device" if width != longest else ""
-            raise LoralabError(
-                f"--micro-batch-tokens {budget} is smaller than the longest training row "
-                f"({longest} tokens{padded}), which could not run at all.",
-                hint=f"Fix: raise --micro-batch-tokens to at least {width}, or lower "
-                "--max-length (or pass --micro-batch-tokens 0 for fixed rows per micro-batch).")
 
     def _reduce_ints(self, *values: int) -> tuple[int, ...]:
         if self.world == 1:
@@ -475,6 +463,24 @@ class _Window:
         out = (self.loss / max(self.steps, 1), self.tokens / max(now - self.t, 1e-9))
         self.loss, self.steps, self.tokens, self.t = 0.0, 0, 0, now
         return out
+
+
+def device_multiple(device_type: str) -> int:
+    """Padded lengths are rounded to this on the device (tensor-core tiles)."""
+    return 8 if device_type == "cuda" else 1
+
+
+def check_budget(budget: int, lengths: list[int], multiple: int) -> None:
+    """Refuse a micro-batch token budget the longest training row cannot fit."""
+    longest = max(lengths, default=0)
+    width = padded_width(longest, multiple)
+    if budget and width > budget:
+        padded = f", padded to {width} on this device" if width != longest else ""
+        raise LoralabError(
+            f"--micro-batch-tokens {budget} is smaller than the longest training row "
+            f"({longest} tokens{padded}), which could not run at all.",
+            hint=f"Fix: raise --micro-batch-tokens to at least {width}, or lower "
+            "--max-length (or pass --micro-batch-tokens 0 for fixed rows per micro-batch).")
 
 
 def _duration(seconds: float) -> str:

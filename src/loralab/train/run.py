@@ -26,7 +26,7 @@ from loralab.models import context_length
 from loralab.train import distributed, rundir
 from loralab.train.attention import use_fast_attention
 from loralab.train.first_token import use_first_token_only
-from loralab.train.loop import Loop
+from loralab.train.loop import Loop, check_budget, device_multiple
 from loralab.train.memory import (
     keep_freed_heap,
     peak_process_memory,
@@ -171,6 +171,7 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     limit = context_length(model)
     length = min(cfg.max_length, limit) if limit else cfg.max_length
     splits = encode_splits(prep, tok, length)
+    check_budget(cfg.micro_batch_tokens, splits.train.lengths, device_multiple(acc.device.type))
     general = _general_text(cfg, tok, length)
     notes = backend_notes + _data_notes(cfg, prep, splits)
     if length < cfg.max_length:
