@@ -30,11 +30,24 @@ def test_packing_keeps_every_row_within_budget_and_never_adds_passes(seed):
     rows = list(range(len(lengths)))
     multiple = rng.choice([1, 8])
     budget = batch * padded_width(max_len, multiple)
-    packed = pack_by_tokens(rows, lengths, budget, multiple)
+    fixed = -(-len(rows) // batch)  # fixed rows: ceil(n / batch) passes at least
+    packed = pack_by_tokens(rows, lengths, budget, multiple, max_passes=fixed)
     assert sorted(i for mb in packed for i in mb) == rows
     for mb in packed:
         assert len(mb) * padded_width(max(lengths[i] for i in mb), multiple) <= budget
-    assert len(packed) <= -(-len(rows) // batch)  # fixed rows: ceil(n / batch) at least
+    assert len(packed) <= fixed
+    greedy = pack_by_tokens(rows, lengths, budget, multiple, max_passes=0)  # the fallback
+    assert len(greedy) <= fixed and sorted(i for mb in greedy for i in mb) == rows
+
+
+def test_packing_weighs_padding_against_passes():
+    from loralab.data.batching import PASS_COST_TOKENS
+
+    lengths = [100, 10, 10, 10, 10]  # one long row: the short ones gain nothing with it
+    packed = pack_by_tokens(list(range(5)), lengths, 500)
+    assert packed == [[0], [1, 2, 3, 4]]
+    cost = sum(PASS_COST_TOKENS + len(mb) * max(lengths[i] for i in mb) for mb in packed)
+    assert cost < PASS_COST_TOKENS + 5 * 100  # the greedy fill's one pass
 
 
 def encoded(task: str, n: int = 24, seed: int = 0) -> Encoded:

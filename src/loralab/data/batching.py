@@ -86,23 +86,57 @@ def padded_width(length: int, multiple: int = 1) -> int:
     return -(-length // multiple) * multiple
 
 
-def pack_by_tokens(rows: list[int], lengths: list[int], budget: int,
-                   multiple: int = 1) -> list[list[int]]:
+# What one forward/backward pass costs beyond its tokens, in tokens: a minilm
+# step on 1 x 2 tokens took as long as ~56 more tokens in a 4 x 26 batch on this
+# project's CPU (BENCHMARKS.md, "Training"). Not measured on GPUs.
+PASS_COST_TOKENS = 64
+
+
+def pack_by_tokens(rows: list[int], lengths: list[int], budget: int, multiple: int = 1,
+                   max_passes: int | None = None) -> list[list[int]]:
     """An optimizer step's rows as micro-batches of at most ``budget`` padded
-    tokens (rows x longest row, rounded up to ``multiple``), longest first.
+    tokens (rows x longest row, rounded up to ``multiple``).
 
     A user who asks for batch x max-length tokens per micro-batch has accepted
-    that much activation memory; short rows fill it with more of the step's
-    rows, so a step takes fewer, larger forward/backward passes. Each
-    micro-batch starts at the longest row left and so holds at least
-    ``budget // max_length`` rows: never more micro-batches than fixed rows.
+    that much activation memory; short rows may fill it with more of the step's
+    rows, so a step takes fewer, larger passes. But padding costs compute too:
+    the rows, sorted by length, are cut where padded tokens plus a fixed cost
+    per pass (PASS_COST_TOKENS) is least (dynamic programming over the cut
+    points). Never more passes than ``max_passes`` (the fixed-rows plan): when
+    the cheapest cut has more, the greedy fill is used, which cannot.
     The rows, and so the step's summed loss and gradient, are the same.
     """
     order = sorted(rows, key=lambda i: (-lengths[i], i))
+    width = [padded_width(lengths[i], multiple) for i in order]
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[j]: rows [0, j) packed
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # rows [i, j) in one pass, widest first
+            if (j - i) * width[i] > budget:
+                break
+            cost = best[i] + PASS_COST_TOKENS + (j - i) * width[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j]:j])
+        j = cut[j]
+    out.reverse()
+    if max_passes is not None and len(out) > max_passes:
+        return _greedy_pack(order, width, budget)
+    return out
+
+
+def _greedy_pack(order: list[int], width: list[int], budget: int) -> list[list[int]]:
+    """Fill each pass up to the budget, longest rows first: every pass but the
+    last holds at least budget // max-width rows, so never more passes than
+    fixed rows of that many."""
     out: list[list[int]] = []
-    for i in order:
-        if out and (len(out[-1]) + 1) * padded_width(lengths[out[-1][0]], multiple) <= budget:
+    first = 0
+    for k, i in enumerate(order):
+        if out and (len(out[-1]) + 1) * width[first] <= budget:
             out[-1].append(i)
         else:
             out.append([i])
+            first = k
     return out

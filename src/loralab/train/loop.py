@@ -166,7 +166,8 @@ class Loop:
 
         def packed(rank: int) -> list[list[int]]:
             own = [i for idx in micro for i in shard(idx, rank, self.world)]
-            return pack_by_tokens(own, self.train_set.lengths, budget, self.multiple)
+            return pack_by_tokens(own, self.train_set.lengths, budget, self.multiple,
+                                  max_passes=len(micro))
 
         plan = [(rows, 1.0) for rows in packed(self.rank)]
         count = max(len(plan), 1)
