@@ -42,7 +42,18 @@ def chunkable(model) -> bool:
     config = getattr(model, "config", None)
     return (getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
             and callable(getattr(model, "get_output_embeddings", None))
-            and model.get_output_embeddings() is not None)
+            and model.get_output_embeddings() is not None and not _sharded(model))
+
+
+def _sharded(model) -> bool:
+    """FSDP2 (``fully_shard``, also on CPU where accelerate reports no FSDP)
+    gathers a head's weights only inside the root forward: calling the head
+    after it would leave ranks waiting on each other."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _identity(hidden, *args, **kwargs):
