@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli
-from tiny_models import BUILDERS, logits, randomize_adapters
+from tiny_models import BUILDERS, dequantized_twin, logits, randomize_adapters
 from train_support import save_tiny, sft_records, write_jsonl
 
 from loralab.lora import LoRAConfig, inject_lora, merge_and_unload
@@ -124,17 +124,6 @@ def test_no_host_sync_from_loralab_in_a_step_but_the_loss():
 
 # ---- QLoRA and merging on CUDA -----------------------------------------------------
 
-def _dequantized_twin(qmodel, float_model):
-    from loralab.lora.quant import dequantize_weight, is_4bit
-
-    ref = copy.deepcopy(float_model)
-    for name, module in qmodel.named_modules():
-        if is_4bit(module):
-            with torch.no_grad():
-                ref.get_submodule(name).weight.copy_(dequantize_weight(module))
-    return ref
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qlora_on_cuda_equals_lora_on_dequantized_weights(dtype):
     pytest.importorskip("bitsandbytes")
@@ -145,7 +134,7 @@ def test_qlora_on_cuda_equals_lora_on_dequantized_weights(dtype):
     assert quantize_model_4bit(qmodel, compute_dtype=dtype) == 14
     assert is_4bit(qmodel.model.layers[0].self_attn.q_proj)
     assert qmodel.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
-    ref = _dequantized_twin(qmodel, float_model)
+    ref = dequantized_twin(qmodel, float_model)
     cfg = LoRAConfig(r=4, alpha=8, targets="all-linear")
     inject_lora(qmodel, cfg)
     inject_lora(ref, cfg)

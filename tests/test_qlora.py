@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import BUILDERS, logits, randomize_adapters
+from tiny_models import BUILDERS, dequantized_twin, logits, randomize_adapters
 from torch import nn
 
 from loralab.lora import LoRAConfig, LoRALinear, inject_lora, merge_and_unload
@@ -38,22 +38,12 @@ def test_dequantized_weight_is_close_to_original():
     assert err < 0.15  # NF4 keeps weights to ~10 % mean relative error
 
 
-def _dequantized_reference(qmodel, float_model):
-    """A float copy of ``float_model`` whose linear weights are qmodel's dequantized ones."""
-    ref = copy.deepcopy(float_model)
-    for name, module in qmodel.named_modules():
-        if is_4bit(module):
-            with torch.no_grad():
-                ref.get_submodule(name).weight.copy_(dequantize_weight(module))
-    return ref
-
-
 def test_qlora_equals_lora_on_dequantized_weights():
     float_model = BUILDERS["llama"]()
     qmodel = copy.deepcopy(float_model)
     assert quantize_model_4bit(qmodel) == 14  # every linear layer but lm_head
     assert not is_4bit(qmodel.lm_head)
-    ref = _dequantized_reference(qmodel, float_model)
+    ref = dequantized_twin(qmodel, float_model)
     cfg = LoRAConfig(r=4, alpha=8, targets="all-linear")
     inject_lora(qmodel, cfg)
     inject_lora(ref, cfg)

@@ -68,6 +68,21 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def dequantized_twin(qmodel, float_model):
+    """A float copy of ``float_model`` whose 4-bit layers carry qmodel's dequantized weights:
+    the reference a QLoRA model must equal."""
+    import copy
+
+    from loralab.lora.quant import dequantize_weight, is_4bit
+
+    ref = copy.deepcopy(float_model)
+    for name, module in qmodel.named_modules():
+        if is_4bit(module):
+            with torch.no_grad():
+                ref.get_submodule(name).weight.copy_(dequantize_weight(module))
+    return ref
+
+
 def randomize_adapters(model, adapter="default", seed=1, std=0.1):
     """Give B (and head copies) nonzero values so an adapter changes outputs."""
     from loralab.lora import LoRALinear, ModulesToSave
