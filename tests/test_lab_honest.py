@@ -207,3 +207,14 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert cli("sweep", "--dry-run", "--model", model, "--data", data, "--ranks", "2,4",
                "--output", out) == 0
     assert "nothing trained" in capsys.readouterr().out and not out.exists()
+
+
+def test_quality_chart_draws_each_interval_as_an_error_bar(rows):
+    from loralab.lab import charts
+
+    args = (["a", "b"], [80.0, 70.0], ["#1f77b4", "#ff7f0e"], "Quality", "F1", ["80", "70"])
+    assert "#222222" in charts.hbar(*args, intervals=[(75.0, 85.0), None])
+    assert "#222222" not in charts.hbar(*args)
+    quality = R.headline_quality(rows)
+    assert sum(R.interval(r, quality) is not None for r in rows) >= 2
+    assert "#222222" in build_report(rows, S.META)

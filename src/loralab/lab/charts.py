@@ -53,16 +53,27 @@ def _hbar_figure(n: int, title: str) -> tuple[Figure, object]:
 
 
 def hbar(names: list[str], values: list[float], colors: list[str], title: str,
-         xlabel: str, notes: list[str], log: bool = False) -> str:
-    """Horizontal bars, one per run, each with a text note at its end."""
+         xlabel: str, notes: list[str], log: bool = False,
+         intervals: list | None = None) -> str:
+    """Horizontal bars, one per run, each with a text note at its end; ``intervals``
+    (a (low, high) pair or None per bar) draws each figure's 95 % interval as an
+    error bar, so a difference the test size cannot tell apart is seen to overlap."""
     fig, ax = _hbar_figure(len(names), title)
     ax.barh(names, values, color=colors)
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    top = max(values) if values else 1
-    for y, (value, note) in enumerate(zip(values, notes)):
-        ax.text(value * (1.08 if log else 1) + (0 if log else top * 0.01), y, note,
+    ends = list(values)
+    for y, (value, iv) in enumerate(zip(values, intervals or [])):
+        if iv is None:
+            continue
+        lo, hi = iv
+        ax.errorbar([value], [y], xerr=[[max(value - lo, 0)], [max(hi - value, 0)]],
+                    fmt="none", ecolor="#222222", elinewidth=1.2, capsize=3)
+        ends[y] = max(value, hi)
+    top = max(ends) if ends else 1
+    for y, (end, note) in enumerate(zip(ends, notes)):
+        ax.text(end * (1.08 if log else 1) + (0 if log else top * 0.01), y, note,
                 va="center", fontsize=9)
     ax.set_xlim(right=top * (8 if log else 1.32))
     return to_svg(fig, title)

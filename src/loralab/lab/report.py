@@ -184,7 +184,8 @@ def _bars(done: list[dict], names: list[str], quality: R.Quality) -> list[str]:
             names, quals, cols, f"Quality: {quality.label}",
             f"{quality.label}{' (points)' if quality.points else ''}"
             f"{'' if quality.higher_is_better else ', lower is better'}",
-            [R.quality_text(r, quality) for r in done])),
+            [R.quality_text(r, quality) for r in done],
+            intervals=[R.shown_interval(r, quality) for r in done])),
     ]
 
 

@@ -75,12 +75,18 @@ def _scaled(x: float, quality: Quality) -> float:
     return x * 100 if quality.points else x
 
 
+def shown_interval(row: dict, quality: Quality) -> tuple[float, float] | None:
+    """The 95 % interval in the units tables and charts show (points for F1/accuracy)."""
+    found = interval(row, quality)
+    return None if found is None else (_scaled(found[0], quality), _scaled(found[1], quality))
+
+
 def interval_text(row: dict, quality: Quality) -> str:
     """'95% 88.1–93.4' (points for F1/accuracy), '' when the run has none."""
-    found = interval(row, quality)
+    found = shown_interval(row, quality)
     if found is None:
         return ""
-    lo, hi = (_scaled(x, quality) for x in found)
+    lo, hi = found
     if quality.points:
         return f"95% {lo:.1f}–{hi:.1f}"
     return f"95% {fmt.number(lo)}–{fmt.number(hi)}"
