@@ -213,8 +213,8 @@ def test_quality_chart_draws_each_interval_as_an_error_bar(rows):
     from loralab.lab import charts
 
     args = (["a", "b"], [80.0, 70.0], ["#1f77b4", "#ff7f0e"], "Quality", "F1", ["80", "70"])
-    assert "#222222" in charts.hbar(*args, intervals=[(75.0, 85.0), None])
-    assert "#222222" not in charts.hbar(*args)
+    assert charts.INTERVAL_COLOR in charts.hbar(*args, intervals=[(75.0, 85.0), None])
+    assert charts.INTERVAL_COLOR not in charts.hbar(*args)
     quality = R.headline_quality(rows)
     assert sum(R.interval(r, quality) is not None for r in rows) >= 2
-    assert "#222222" in build_report(rows, S.META)
+    assert charts.INTERVAL_COLOR in build_report(rows, S.META)

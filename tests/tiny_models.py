@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (
     BertConfig,
@@ -71,8 +73,6 @@ def logits(model, ids):
 def dequantized_twin(qmodel, float_model):
     """A float copy of ``float_model`` whose 4-bit layers carry qmodel's dequantized weights:
     the reference a QLoRA model must equal."""
-    import copy
-
     from loralab.lora.quant import dequantize_weight, is_4bit
 
     ref = copy.deepcopy(float_model)

@@ -20,6 +20,7 @@ from loralab.lab import results as R
 METHOD_COLORS = {"full": "#3b4cc0", "head": "#9a9a9a", "lora": "#e07b39", "qlora": "#2a9d8f",
                  "dora": "#b5651d", "qdora": "#1b6f66", "pissa": "#9467bd", "olora": "#c5b0d5",
                  "rslora": "#d62728", "lora-plus": "#8c564b"}
+INTERVAL_COLOR = "#222222"  # error bars: the 95 % interval of a quality figure
 MEMORY_PARTS = (("weights", "#4e79a7"), ("gradients", "#f28e2b"),
                 ("optimizer", "#e15759"), ("other", "#bab0ac"))
 STYLE = {"svg.fonttype": "none", "font.size": 10, "axes.spines.top": False,
@@ -69,7 +70,7 @@ def hbar(names: list[str], values: list[float], colors: list[str], title: str,
             continue
         lo, hi = iv
         ax.errorbar([value], [y], xerr=[[max(value - lo, 0)], [max(hi - value, 0)]],
-                    fmt="none", ecolor="#222222", elinewidth=1.2, capsize=3)
+                    fmt="none", ecolor=INTERVAL_COLOR, elinewidth=1.2, capsize=3)
         ends[y] = max(value, hi)
     top = max(ends) if ends else 1
     for y, (end, note) in enumerate(zip(ends, notes)):
