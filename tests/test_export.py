@@ -22,6 +22,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 _COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
            "max_position_embeddings": 128, "initializer_range": 0.2}
+# rows of 256 and 512: every matrix divides into K-quant blocks
+_WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
 CONFIGS = {
     "llama": ("LlamaConfig", {"tie_word_embeddings": True, "attention_bias": True}),
     "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None}),
@@ -104,9 +106,10 @@ def save_tiny(root: Path, arch: str, tok, seed: int = 0) -> Path:
         return out
     arch, _, grid = arch.partition("-")
     cls_name, extra = CONFIGS[arch]
+    common = {**_COMMON, **_WIDE} if grid == "wide" else _COMMON
     cfg = getattr(transformers, cls_name)(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **_COMMON, **extra)
+        pad_token_id=tok.pad_token_id, **common, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     _perturb(model, seed)
@@ -238,6 +241,151 @@ def test_written_metadata_and_tokenizer(models, tok, tmp_path):
     assert names["token_embd.weight"] == "Q8_0" and names["blk.0.attn_q.weight"] == "Q4_0"
     r = _report(out)["verify"]
     assert r["criterion"].startswith("perplexity") and r["ppl_gguf"] > 0
+
+
+def _types(path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_q4_k_m_mixes_types_as_llama_quantize_and_reads_back(models, tmp_path):
+    """Rows of 256: Q4_K throughout, Q6_K for the output (the tied embedding for
+    Llama) and for attn_v / ffn_down of the layers llama.cpp gives more bits
+    (of 2 layers: the last), F32 norms; read back, the perplexity is reported."""
+    for arch, head in (("llama", "token_embd.weight"), ("qwen3", "output.weight")):
+        out = tmp_path / f"{arch}.gguf"
+        assert cli("export", "--model", models(f"{arch}-wide"), "--quant", "q4_k_m",
+                   "--output", out) == 0
+        types = _types(out)
+        assert types[head] == "Q6_K"
+        assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
+        assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
+        assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
+        assert types["blk.0.attn_norm.weight"] == "F32"
+        if arch == "qwen3":
+            assert types["token_embd.weight"] == "Q4_K"  # untied: the embedding is not the head
+        report = _report(out)
+        assert report["verify"]["passed"] and report["verify"]["ppl_gguf"] > 0
+        assert report["verify"]["metadata_mismatches"] == []
+        assert 0 <= report["estimated_bytes"] - report["bytes"] < 0.02 * report["bytes"] + 8192
+
+
+def test_k_quants_fall_back_where_rows_do_not_divide_into_256(models, tmp_path):
+    """Rows of 64 (and 128): llama.cpp's fallbacks, Q4_K -> Q5_0, Q6_K -> Q8_0."""
+    out = tmp_path / "m.gguf"
+    assert cli("export", "--model", models("llama"), "--quant", "q4_k_m", "--output", out) == 0
+    types = _types(out)
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.1.attn_v.weight"] == "Q8_0"
+    assert _report(out)["verify"]["passed"]
+
+
+def test_k_quants_cost_less_error_per_bit(models, tmp_path):
+    """Same model, read back: q4_k_s beats q4_0 and q5_k_m beats q5_0 (same size or
+    near it), q6_k beats q5_k_m: the blocks are written as llama.cpp reads them."""
+    diffs = {}
+    for quant in ("q4_0", "q4_k_s", "q5_0", "q5_k_m", "q6_k"):
+        out = tmp_path / f"{quant}.gguf"
+        assert cli("export", "--model", models("qwen3-wide"), "--quant", quant,
+                   "--output", out) == 0
+        diffs[quant] = _report(out)["verify"]["mean_abs_logit_diff"]
+    assert diffs["q4_k_s"] < diffs["q4_0"] and diffs["q5_k_m"] < diffs["q5_0"]
+    assert diffs["q6_k"] < diffs["q5_k_m"] < diffs["q4_k_s"]
+
+
+def small_spm(prefix: bool = True):
+    """A SentencePiece-style BPE with byte fallback, as Llama 2's and Mistral's
+    tokenizer.json are: the 256 byte tokens in the base vocabulary, spaces as
+    U+2581 with a prefix space (``prefix=False``: none, as Gemma's), BOS added,
+    an alphabet of 50 characters so that other text falls back to bytes."""
+    import json as _json
+
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    from loralab.data.dataset import resolve_data_path
+
+    specials = ["<unk>", "<s>", "</s>"]
+    train = Tokenizer(models.BPE(unk_token="<unk>"))
+    train.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    train.train([resolve_data_path("general_text")], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, limit_alphabet=50))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in _json.loads(train.to_str())["model"]["merges"]]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(train.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    raw = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    space = [normalizers.Replace(" ", "\u2581")]
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prefix + space)
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def spm_models(tmp_path_factory):
+    """(tokenizer, model dir) per architecture: Gemma's tokenizer adds no prefix space."""
+    toks = {True: small_spm(), False: small_spm(prefix=False)}
+    root = tmp_path_factory.mktemp("export-spm")
+
+    def build(arch):
+        tok = toks[arch != "gemma2"]
+        return tok, save_tiny(root / arch, arch, tok)
+    return build
+
+
+# texts whose tokens transformers' GGUF reader rebuilds as llama.cpp does (its
+# Metaspace differs from a Prepend normalizer on leading runs of spaces and after
+# special tokens; llama.cpp's own test below covers those)
+SPM_TEXTS = ["The quick brown fox jumps over the lazy dog, 42 times.",
+             "naïve café, Zürich — 東京 🙂", "Tabs\tand\nnewlines\n"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_sentencepiece_vocab_is_written_with_scores_bytes_and_prefix(spm_models, arch,
+                                                                     tmp_path):
+    """GGUF model 'llama': tokens, scores from the merge ranks, BYTE and UNKNOWN
+    types, add_space_prefix; transformers rebuilds the merges from those scores
+    and tokenizes as the original tokenizer does (byte fallback included)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok, model_dir = spm_models(arch)
+    out = tmp_path / f"{arch}.gguf"
+    assert cli("export", "--model", model_dir, "--quant", "f16", "--output", out) == 0
+    reader = gguf.GGUFReader(str(out))
+    f = {k: v.contents() for k, v in reader.fields.items()
+         if k in ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix",
+                  "tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id",
+                  "tokenizer.ggml.add_bos_token")}
+    assert f["tokenizer.ggml.model"] == "llama"
+    assert f["tokenizer.ggml.add_space_prefix"] is (arch != "gemma2")
+    assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.add_bos_token"] is True
+    assert "tokenizer.ggml.merges" not in reader.fields
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    assert types[tok.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
+    assert types[tok.unk_token_id] == gguf.TokenType.UNKNOWN
+    assert types[tok.eos_token_id] == gguf.TokenType.CONTROL
+    assert len(scores) == len(tok) and max(scores) == 0.0
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    for text in SPM_TEXTS:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+    assert _report(out)["verify"]["passed"]
 
 
 def test_llama_permutation_is_what_the_reader_undoes():
@@ -416,9 +564,9 @@ def _one_line_error(capsys) -> str:
 
 def test_unsupported_quant_lists_the_supported(models, tmp_path, capsys):
     out = tmp_path / "m.gguf"
-    assert cli("export", "--model", models("llama"), "--quant", "q4_k_m", "--output", out) == 2
+    assert cli("export", "--model", models("llama"), "--quant", "q3_k_m", "--output", out) == 2
     err = _one_line_error(capsys)
-    assert "cannot quantize Q4_K" in err and "q8_0" in err and "f16" in err
+    assert "cannot quantize Q3_K" in err and "q4_k_m" in err and "f16" in err
     assert cli("export", "--model", models("llama"), "--quant", "q3_z", "--output", out) == 2
     assert "unknown type" in _one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
@@ -529,13 +677,54 @@ def test_llama_cpp_computes_the_same_logits(models, tok, arch, tmp_path):
     assert np.abs(theirs - ours).max() < 2e-2 * np.abs(ours).max()
 
 
+def test_llama_cpp_tokenizes_sentencepiece_vocab_as_hf(spm_models, tmp_path):
+    """The SPM vocabulary in llama.cpp: the same ids as the HF tokenizer, also for
+    runs of spaces, text after a special token and bytes outside the alphabet."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+
+    tok, model_dir = spm_models("llama")
+    out = tmp_path / "spm.gguf"
+    assert cli("export", "--model", model_dir, "--quant", "f16", "--output", out) == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False)
+    for text in SPM_TEXTS + ["  two  spaces", "Hello</s> world", " lead", "x\n\n  y"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == \
+            tok(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_s", "q6_k"])
+def test_llama_cpp_runs_k_quants_as_read_back(models, tok, quant, tmp_path):
+    """A K-quant file in llama.cpp gives the logits of the dequantized weights
+    transformers reads back (llama.cpp's CPU kernels also round the activations
+    to 8 bits, hence the tolerance)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from loralab.export.verify import read_back
+
+    base = models("qwen3-wide")
+    out = tmp_path / f"{quant}.gguf"
+    assert cli("export", "--model", base, "--quant", quant, "--output", out) == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, n_threads=1,
+                          verbose=False)
+    ids = tok("The quick brown fox jumps over the lazy dog, 42 times.")["input_ids"]
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    from transformers import AutoConfig
+
+    model = read_back(out, AutoConfig.from_pretrained(base))
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 5e-2 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
 def test_compare_export_refused_before_any_training(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert cli("compare", "--export", "gguf", "--output", out) == 2  # tickets: classify
     assert "causal language models" in _one_line_error(capsys)
     assert cli("compare", "--data", "instructions", "--export", "gguf", "--export-quant",
-               "q4_k_m", "--output", out) == 2
-    assert "cannot quantize Q4_K" in _one_line_error(capsys)
+               "q2_k", "--output", out) == 2
+    assert "cannot quantize Q2_K" in _one_line_error(capsys)
     assert not out.exists()
 
 

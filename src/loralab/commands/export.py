@@ -15,8 +15,8 @@ import click
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True,
               help="Output format.")
 @click.option("--quant", default="q8_0", show_default=True,
-              help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (K-quants such as q4_k_m "
-              "are refused where the gguf package cannot write them).")
+              help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, "
+              "q4_1, q4_0 (K-quants mixed per tensor as llama-quantize does).")
 @click.option("--output", required=True, help="The .gguf file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def cmd(adapter_dir, base, model_dir, fmt, quant, output, overwrite):

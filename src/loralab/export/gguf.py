@@ -1,16 +1,24 @@
 """Write a merged causal LM as one GGUF file with the ``gguf`` package.
 
 Tensor names come from gguf's own ``get_tensor_name_map``; quantization from
-``gguf.quants.quantize``. Which tensor gets which type follows llama.cpp:
-1-D tensors (norms, biases) stay F32 (``convert_hf_to_gguf.py``
-``prepare_tensors``); a matrix whose rows do not divide into the type's blocks
-falls back to F16; at 4-5 bits the embedding and output matrices are kept at
-Q8_0 (``llama-quantize`` keeps the output at Q6_K, which gguf cannot write;
-the Q4_1 SmolLM2 file loralab ships does the same with its embedding).
+``gguf.quants.quantize``, and for the K-quants gguf cannot write (Q4_K, Q5_K,
+Q6_K) from ``loralab.export.kquants``, llama.cpp's reference quantizer. Which
+tensor gets which type follows llama.cpp: 1-D tensors (norms, biases) stay F32
+(``convert_hf_to_gguf.py`` ``prepare_tensors``); the rest as
+``llama-quantize`` mixes them without an importance matrix
+(``llama_tensor_get_type``): the output matrix (the embedding when the two are
+tied) at Q6_K, at Q8_0 where its rows do not divide into 256-value blocks;
+for Q4_K_M / Q5_K_M, attn_v and ffn_down of the first and last eighth of the
+layers and every third between at Q6_K; for Q4_K_S, attn_v of the first four
+layers and ffn_down of the first eighth at Q5_K; a K-quant matrix whose rows
+do not divide into 256 falls back as llama.cpp's does (Q4_K to Q5_0, Q5_K to
+Q5_1, Q6_K to Q8_0), and any matrix whose rows do not divide into its type's
+blocks to F16.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +27,7 @@ import numpy as np
 import torch
 
 from loralab.errors import LoralabError
+from loralab.export import kquants
 from loralab.export.arch import arch_for, extra_tensors, write_hparams
 from loralab.export.vocab import write_vocab
 
@@ -29,16 +38,28 @@ QUANTS = {
     "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
     "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
-    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"), "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
+    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"), "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"), "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
     "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
 }
 LOSSLESS = ("f32", "f16", "bf16")  # checked as logits equal to float rounding
-_KEEP_Q8 = ("token_embd.weight", "output.weight")
+# llama.cpp's type for a K-quant matrix whose rows do not divide into 256
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def quantize(data: np.ndarray, qtype) -> np.ndarray:
+    """``data`` as ``qtype``'s bytes: gguf's quantizer, or loralab's K-quants."""
+    import gguf
+
+    if qtype.name in kquants.BLOCKS:
+        return kquants.quantize(data, qtype.name)
+    return gguf.quants.quantize(data, qtype)
 
 
 def _can_quantize(qtype) -> bool:
     import gguf
 
+    if qtype.name in kquants.BLOCKS:
+        return True
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     try:
         gguf.quants.quantize(np.zeros((1, max(block, 256)), dtype=np.float32), qtype)
@@ -48,8 +69,9 @@ def _can_quantize(qtype) -> bool:
 
 
 def supported_quants() -> list[str]:
-    """The --quant names the installed gguf package can write (probed, so a
-    newer package that learns Q4_K widens the list by itself)."""
+    """The --quant names that can be written: gguf's quantizers (probed, so a
+    newer package that learns Q3_K or Q2_K widens the list by itself) and
+    loralab's K-quants."""
     import gguf
 
     return [q for q, (t, _) in QUANTS.items() if _can_quantize(gguf.GGMLQuantizationType[t])]
@@ -65,8 +87,8 @@ def check_quant(quant: str) -> str:
     why = (f"the installed gguf package ({version('gguf')}) cannot quantize {QUANTS[quant][0]}"
            if quant in QUANTS else "unknown type")
     raise LoralabError(f"--quant {quant}: {why}.",
-                       hint=f"Fix: use one of {', '.join(ok)}; for K-quants, export f16 and run "
-                       "llama.cpp's `llama-quantize FILE.gguf OUT.gguf Q4_K_M`.")
+                       hint=f"Fix: use one of {', '.join(ok)}; for other types, export f16 "
+                       "and run llama.cpp's `llama-quantize FILE.gguf OUT.gguf TYPE`.")
 
 
 @dataclass
@@ -84,15 +106,43 @@ class Planned:
         return rows * (self.shape[-1] // block) * size
 
 
-def _tensor_type(gguf_name: str, shape, quant: str):
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth, every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _mixed_type(gguf_name: str, quant: str, base: str, n_layers: int, tied: bool) -> str:
+    """The type llama-quantize gives this matrix at ``quant`` (see the module doc)."""
+    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+        return base if base == "Q8_0" else "Q6_K"
+    m = re.match(r"blk\.(\d+)\.", gguf_name)
+    if m is None:
+        return base
+    layer = int(m.group(1))
+    if ".attn_v." in gguf_name:
+        if quant in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layers):
+            return "Q6_K"
+        if quant == "q4_k_s" and layer < 4:
+            return "Q5_K"
+    elif ".ffn_down" in gguf_name:
+        if quant in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layers):
+            return "Q6_K"
+        if quant == "q4_k_s" and layer < n_layers // 8:
+            return "Q5_K"
+    return base
+
+
+def _tensor_type(gguf_name: str, shape, quant: str, n_layers: int, tied: bool):
     import gguf
 
     T = gguf.GGMLQuantizationType
     if len(shape) < 2:
         return T.F32
-    qtype = T[QUANTS[quant][0]]
-    if quant.startswith(("q4", "q5")) and gguf_name in _KEEP_Q8:
-        qtype = T.Q8_0
+    base = QUANTS[quant][0]
+    name = base if quant in LOSSLESS else _mixed_type(gguf_name, quant, base, n_layers, tied)
+    if name in _K_FALLBACK and shape[-1] % kquants.QK_K:
+        name = _K_FALLBACK[name]
+    qtype = T[name]
     if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return T.F16
     return qtype
@@ -110,6 +160,7 @@ def plan_tensors(model, quant: str) -> list[Planned]:
     arch = getattr(gguf.MODEL_ARCH, arch_for(config).gguf_arch)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     skip_head = _tied(model)
+    n_layers = config.num_hidden_layers
     plan = []
     for hf_name, t in model.state_dict().items():
         if skip_head and hf_name == "lm_head.weight":
@@ -118,7 +169,8 @@ def plan_tensors(model, quant: str) -> list[Planned]:
         if name is None:
             raise LoralabError(f"no GGUF name for tensor '{hf_name}' ({config.model_type}).",
                                hint="Fix: this model has layers the GGUF architecture lacks.")
-        plan.append(Planned(name, hf_name, tuple(t.shape), _tensor_type(name, t.shape, quant)))
+        plan.append(Planned(name, hf_name, tuple(t.shape),
+                            _tensor_type(name, t.shape, quant, n_layers, skip_head)))
     for name, t in extra_tensors(config).items():
         plan.append(Planned(name, None, tuple(t.shape), gguf.GGMLQuantizationType.F32))
     return plan
@@ -142,11 +194,9 @@ def check_disk(path: Path, need: int) -> None:
 
 
 def _tensor_data(p: Planned, t: torch.Tensor, config) -> np.ndarray:
-    import gguf
-
     t = arch_for(config).tensor_fn(p.hf_name, t.detach().float(), config)
     # (out, in) row-major, as llama.cpp reads it
-    return gguf.quants.quantize(t.contiguous().numpy(), p.qtype)
+    return quantize(t.contiguous().numpy(), p.qtype)
 
 
 def build_writer(model, tok, quant: str, name: str):

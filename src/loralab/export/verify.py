@@ -84,11 +84,12 @@ def compare_logits(merged, exported, tok) -> dict:
     from loralab.generation import eos_token_ids
 
     eos = eos_token_ids(merged, tok)
-    max_diff, agree, total, greedy_same, rows = 0.0, 0, 0, 0, []
+    max_diff, abs_sum, agree, total, greedy_same, rows = 0.0, 0.0, 0, 0, 0, []
     for text in CHECK_TEXTS:
         ids = tok(text)["input_ids"]
         a, b = _logits(merged, ids), _logits(exported, ids)
         max_diff = max(max_diff, float((a - b).abs().max()))
+        abs_sum += float((a - b).abs().mean(-1).sum())
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
         ga, gb = _greedy(merged, ids, GREEDY_TOKENS, eos), _greedy(exported, ids, GREEDY_TOKENS,
@@ -96,7 +97,7 @@ def compare_logits(merged, exported, tok) -> dict:
         greedy_same += int(ga == gb)
         rows.append({"prompt": text, "merged": tok.decode(ga), "gguf": tok.decode(gb),
                      "equal": ga == gb})
-    return {"max_abs_logit_diff": max_diff,
+    return {"max_abs_logit_diff": max_diff, "mean_abs_logit_diff": abs_sum / total,
             "logit_scale": float(_logits(merged, tok(CHECK_TEXTS[0])["input_ids"]).abs().max()),
             "top1_agreement": agree / total, "greedy_equal": greedy_same == len(CHECK_TEXTS),
             "greedy_prompts_equal": f"{greedy_same}/{len(CHECK_TEXTS)}", "greedy": rows}

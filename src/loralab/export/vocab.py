@@ -1,5 +1,16 @@
-"""The tokenizer as GGUF metadata: tokens, token types, merges, special ids,
-the chat template, the pre-tokenizer llama.cpp should split text with.
+"""The tokenizer as GGUF metadata: tokens, token types, merges or scores,
+special ids, the chat template, the pre-tokenizer llama.cpp should split text with.
+
+Two kinds of tokenizer, as llama.cpp has them: byte-level BPE (Llama 3,
+SmolLM2, Qwen2/3; GGUF model ``gpt2``: tokens and merges) and SentencePiece-
+style BPE with byte fallback (Llama 2, Mistral v0.x, Gemma; GGUF model
+``llama``: tokens and scores, merged by llama.cpp's SPM tokenizer, which
+joins the adjacent pair whose result scores highest). The scores are read
+from the tokenizer.json's merge ranks: the token a merge makes scores minus
+its rank, so llama.cpp joins pairs in the order the merges list them, as the
+BPE model does; a multi-character token no merge makes scores below every
+merge. Byte tokens ``<0x00>`` .. ``<0xFF>`` are typed BYTE (the fallback),
+the unknown token UNKNOWN.
 
 Token types follow llama.cpp's ``TextModel.get_vocab_base``: an added token
 marked special is CONTROL (llama.cpp parses it in prompts and treats it as an
@@ -30,6 +41,52 @@ def tokenizer_json(tok) -> dict:
         raise LoralabError("GGUF export needs a fast (tokenizer.json) tokenizer.",
                            hint="Fix: save the model's tokenizer with transformers' fast tokenizer.")
     return json.loads(backend.to_str())
+
+
+def is_spm_bpe(tj: dict) -> bool:
+    """BPE with byte fallback over ``\u2581``-marked spaces (SentencePiece's BPE)."""
+    model = tj.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def adds_space_prefix(tj: dict) -> bool:
+    """Whether the text gets a leading ``\u2581`` before merging: a Prepend
+    normalizer (Llama 2's tokenizer.json) or a Metaspace that prepends."""
+    def steps(node):
+        if not node:
+            return []
+        return node.get("normalizers") or node.get("pretokenizers") or [node]
+
+    if any(n.get("type") == "Prepend" for n in steps(tj.get("normalizer"))):
+        return True
+    for pre in steps(tj.get("pre_tokenizer")):
+        if pre.get("type") == "Metaspace":
+            return pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True)
+                           else "never") != "never"
+    return False
+
+
+def merge_scores(tj: dict, n_vocab: int) -> list[float]:
+    """A score per id for llama.cpp's SPM tokenizer, from the merge ranks."""
+    model = tj["model"]
+    vocab, merges = model["vocab"], model.get("merges") or []
+    scores = [0.0] * n_vocab
+    made = set()
+    for rank, merge in enumerate(merges):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        tid = vocab.get(a + b)
+        if tid is not None and tid < n_vocab and tid not in made:
+            scores[tid] = -float(rank)
+            made.add(tid)
+    floor = -float(len(merges))
+    for piece, tid in vocab.items():
+        if tid < n_vocab and tid not in made and len(piece) > 1 and not _is_byte(piece):
+            scores[tid] = floor - tid
+    return scores
+
+
+def _is_byte(piece: str) -> bool:
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def is_byte_level_bpe(tj: dict) -> bool:
@@ -87,14 +144,14 @@ def adds_special(tok) -> tuple[bool, bool]:
     return bos, eos
 
 
-def special_vocab(tok, n_vocab: int):
+def special_vocab(tok, n_vocab: int, merges: bool = True):
     """gguf's ``SpecialVocab`` over the saved tokenizer (merges, chat template),
     with the special ids and add-BOS/EOS the loaded tokenizer actually uses."""
     import gguf
 
     with tempfile.TemporaryDirectory(prefix="loralab-tok-") as tmp:
         tok.save_pretrained(tmp)
-        sv = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=n_vocab)
+        sv = gguf.SpecialVocab(Path(tmp), load_merges=merges, n_vocab=n_vocab)
     for kind in ("bos", "eos", "unk", "pad"):
         tid = getattr(tok, f"{kind}_token_id", None)
         if isinstance(tid, int) and 0 <= tid < n_vocab:
@@ -105,27 +162,49 @@ def special_vocab(tok, n_vocab: int):
     return sv
 
 
+def _unsupported(tj: dict) -> LoralabError:
+    model = (tj.get("model") or {}).get("type")
+    return LoralabError(
+        f"GGUF export writes byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen2/3) and "
+        f"BPE with byte fallback (Llama 2, Mistral, Gemma); this one is {model}.",
+        hint="Fix: convert this model with llama.cpp's convert_hf_to_gguf.py after "
+        "`loralab merge`.")
+
+
 def write_vocab(writer, tok, n_vocab: int) -> dict:
     """Add the tokenizer to ``writer``; returns a summary for the report."""
+    import gguf
+
     tj = tokenizer_json(tok)
-    if not is_byte_level_bpe(tj):
-        model = (tj.get("model") or {}).get("type")
-        raise LoralabError(
-            f"GGUF export writes byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen2/3); "
-            f"this one is {model}{' with byte fallback' if model == 'BPE' else ''} "
-            "(SentencePiece-style).",
-            hint="Fix: convert this model with llama.cpp's convert_hf_to_gguf.py after "
-            "`loralab merge`.")
-    pre = pre_tokenizer_name(tj)
+    spm = is_spm_bpe(tj)
+    if not spm and not is_byte_level_bpe(tj):
+        raise _unsupported(tj)
     tokens, types = token_list(tok, n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    sv = special_vocab(tok, n_vocab)
+    if spm:
+        scores = merge_scores(tj, n_vocab)
+        unk = tok.unk_token_id
+        for i, t in enumerate(tokens):
+            if types[i] == gguf.TokenType.NORMAL and _is_byte(t):
+                types[i] = gguf.TokenType.BYTE
+            elif i == unk:
+                types[i] = gguf.TokenType.UNKNOWN
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(adds_space_prefix(tj))
+        pre = "default"
+    else:
+        pre = pre_tokenizer_name(tj)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    sv = special_vocab(tok, n_vocab, merges=not spm)
     sv.add_to_gguf(writer, quiet=True)
-    return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "merges": len(sv.merges),
-            "chat_template": sv.chat_template is not None,
+    return {"model": "llama" if spm else "gpt2", "pre": pre, "tokens": len(tokens),
+            "merges": len(sv.merges), "chat_template": sv.chat_template is not None,
             "bytes": sum(len(t.encode()) + 8 for t in tokens)
-            + sum(len(m.encode()) + 8 for m in sv.merges) + 4 * len(tokens)
+            + sum(len(m.encode()) + 8 for m in sv.merges) + (8 if spm else 4) * len(tokens)
             + len((sv.chat_template or "").encode())}
