@@ -189,8 +189,10 @@ def test_seed_summary_says_which_varies_more():
 # --- compare/sweep --dry-run ---------------------------------------------------------
 
 
-def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys, monkeypatch):
     from train_support import class_rows as rows_of
+
+    monkeypatch.setenv("COLUMNS", "200")  # the table's 8 columns on one line each
 
     model = save_tiny(tmp_path, "bert")
     data = write_csv(tmp_path / "d.csv", rows_of(60, seed=1))
@@ -202,11 +204,36 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert "4 runs, nothing trained" in text and not out.exists()
     # 60 rows less the eval and test splits (10% each): 48 rows, 6 batches of 8, 2 epochs
     for run in ("full-s42", "full-s43", "lora-r8-s42", "lora-r8-s43"):
-        line = next(x for x in text.splitlines() if run in x)
+        line = next(x for x in text.splitlines() if run in x and "timing" not in x)
         assert " 12 " in line and ("MiB" in line or "KiB" in line or "GiB" in line), line
+        assert re.search(r"\d s\s*[│|]?\s*$", line.rstrip()), line  # an expected time
+    assert "timing 5 steps of full-s42 (1 of 2 training shapes)" in text  # seeds share one
+    assert "expected training time:" in text
     assert cli("sweep", "--dry-run", "--model", model, "--data", data, "--ranks", "2,4",
                "--output", out) == 0
     assert "nothing trained" in capsys.readouterr().out and not out.exists()
+
+
+def test_dry_run_time_is_within_2x_of_the_run(tmp_path, capsys):
+    """The dry run's expected training time, from a few timed steps in its own
+    process, against the training seconds the runs then take."""
+    import json as _json
+
+    from train_support import class_rows as rows_of
+
+    model = save_tiny(tmp_path, "bert")
+    data = write_csv(tmp_path / "d.csv", rows_of(200, seed=2))
+    args = ["--model", model, "--data", data, "--methods", "full,lora", "--batch-size", 4,
+            "--epochs", 1, "--max-length", 64]
+    out = tmp_path / "cmp"
+    assert cli("compare", "--dry-run", *args, "--output", out) == 0
+    text = capsys.readouterr().out
+    total = re.search(r"expected training time: ([\d.]+) (s|min)", text)
+    expected = float(total.group(1)) * (60 if total.group(2) == "min" else 1)
+    assert cli("compare", *args, "--output", out) == 0
+    measured = sum(_json.loads((out / run / "metrics.json").read_text())["train_seconds"]
+                   for run in ("full", "lora-r8"))
+    assert measured / 2 <= expected <= measured * 2, (expected, measured)
 
 
 def test_quality_chart_draws_each_interval_as_an_error_bar(rows):

@@ -58,6 +58,7 @@ class LoopState:
     window: list = field(default_factory=lambda: [0.0, 0])
     micro_batches: int = 0  # forward/backward passes run (this rank)
     expected_train_seconds: float | None = None  # forecast from the first timed steps
+    seconds_per_step: float | None = None  # the rate that forecast used
     padded_tokens: int = 0  # tokens in the padded micro-batches, all ranks
 
 
@@ -253,6 +254,7 @@ class Loop:
         if done < self.FORECAST_STEPS - 1:
             return
         rate = (s.train_seconds - first[1]) / done  # seconds per step
+        s.seconds_per_step = rate
         s.expected_train_seconds = s.train_seconds + rate * (self.total_steps - s.step)
         if self.is_main and not self.cfg.quiet:
             reporter.note(f"expected training time: {_duration(s.expected_train_seconds)} for "
