@@ -6,6 +6,12 @@ Each configuration trains minilm on SMS messages for a few optimizer steps
 step and the share of time per kind of operator.
 
     .venv/bin/python bench/train_profile.py --steps 3
+
+``--engine loralab`` profiles loralab's own training step instead (``loralab
+train`` on the recipe's settings, bench/lora_vs_full_step.py; its
+``Loop.train_step`` under the profiler after one warm-up step), LoRA and full
+fine-tuning, and lists the operators that take the most time in each, so the
+two steps can be compared operator by operator.
 """
 
 from __future__ import annotations
@@ -96,10 +102,66 @@ def profile(method: str, pad: bool, steps: int, dropout: float = 0.1,
             "share": {k: round(100 * v / total, 1) for k, v in sorted(shares.items())}}
 
 
+def profile_loralab(method: str, steps: int, top: int = 12) -> dict:
+    """loralab's own step (its model, packing, dropout, loss, optimizer) profiled."""
+    import tempfile
+    from pathlib import Path
+
+    from lora_vs_full_step import LR, SETTINGS
+    from torch.profiler import ProfilerActivity, profile
+
+    from loralab.config import build_config
+    from loralab.train import loop as loop_mod
+    from loralab.train import run_training
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    seen, timed = {"n": 0}, {"t": 0.0}
+    original = loop_mod.Loop.train_step
+
+    def step(self, micro):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            prof.start()
+        t0 = time.perf_counter()
+        out = original(self, micro)
+        if seen["n"] >= 2:
+            timed["t"] += time.perf_counter() - t0
+        if seen["n"] == steps + 1:
+            prof.stop()
+        return out
+
+    loop_mod.Loop.train_step = step
+    try:
+        out = Path(tempfile.mkdtemp(prefix="loralab-prof-")) / "run"
+        options = {**SETTINGS["recipe"], "method": method, "max_steps": steps + 1,
+                   "lr": LR["recipe"][method], "quiet": True, "keep_best": False,
+                   "save_checkpoints": False, "output": str(out)}
+        run_training(build_config(None, None, options))
+    finally:
+        loop_mod.Loop.train_step = original
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    shares: dict[str, float] = {}
+    for ev in events:
+        shares[kind_of(ev.key)] = shares.get(kind_of(ev.key), 0.0) + ev.self_cpu_time_total
+    return {"engine": "loralab", "method": method, "ms_per_step": round(1000 * timed["t"] / steps, 1),
+            "share": {k: round(100 * v / total, 1) for k, v in sorted(shares.items())},
+            "top": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                     "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1)}
+                    for e in events[:top]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--engine", choices=["recipe", "loralab"], default="recipe")
     args = ap.parse_args()
+    if args.engine == "loralab":
+        print(json.dumps({"machine": machine(), "load_average_before": load_average(),
+                          "date": time.strftime("%Y-%m-%d")}))
+        for method in ("lora", "full"):
+            print(json.dumps(profile_loralab(method, args.steps)), flush=True)
+        return
     print(json.dumps({"machine": machine(), "load_average_before": load_average(),
                       "date": time.strftime("%Y-%m-%d")}))
     runs = [profile("full", True, args.steps), profile("lora", True, args.steps),
