@@ -53,6 +53,8 @@ def job(setting: str, method: str, steps: int) -> dict:
     return {"setting": setting, "method": method, "steps": m["steps"],
             "train_seconds": m["train_seconds"],
             "seconds_per_step": m["train_seconds"] / m["steps"],
+            # the loop's steady rate (steps 2-4, after the first step's one-off costs)
+            "steady_seconds_per_step": m.get("seconds_per_step"),
             "micro_batches_per_step": m.get("micro_batches_per_step"),
             "trainable_params": m.get("trainable_params")}
 
@@ -90,8 +92,11 @@ def main() -> None:
             ratio = pair["lora"]["seconds_per_step"] / pair["full"]["seconds_per_step"]
             ratios.append(ratio)
             results["pairs"].setdefault(setting, []).append(pair)
+            steady = (pair["lora"]["steady_seconds_per_step"]
+                      / pair["full"]["steady_seconds_per_step"])
             print(f"{setting}: lora {pair['lora']['seconds_per_step']:.3f} s/step | full "
                   f"{pair['full']['seconds_per_step']:.3f} s/step | lora/full {ratio:.3f} "
+                  f"(steps 2-4 only: {steady:.3f}) "
                   f"(load {pair[order[0]]['load_average']} then "
                   f"{pair[order[1]]['load_average']})", flush=True)
         results["ratio_median"][setting] = statistics.median(ratios)

@@ -7,6 +7,14 @@ to the model. Each side runs in its own subprocess.
 
     .venv/bin/python bench/train_sft_tokens.py --steps 10
 
+The loralab side also reports its CPU FLOP utilisation: the transformer
+body's useful FLOPs per second (per real token, 4 x the linear weights: the
+forward and the input-gradient matmuls, the frozen weights needing no weight
+gradient; plus the adapters' 6 x r x (in + out) and the attention scores and
+values, 3 x their forward) over the fp32 matmul peak measured in the same
+process (square 1,024 products at the run's thread count). The LM head and
+loss are left out of the useful count (they run only at response positions).
+
 ``--loss-ab`` measures loralab's own peak memory with the chunked, labels-only
 LM loss and with the plain full-logits loss (same run otherwise), with
 ``--fill`` making every row 512 tokens long (four Alpaca answers per record).
@@ -58,9 +66,42 @@ def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
         "output": str(tmp / "run")})
     run_dir = run_training(cfg)
     m = json.loads((run_dir / "metrics.json").read_text())
+    flops = body_flops_per_token(m["train_tokens"] / max(1, m["steps"] * batch))
+    peak = matmul_peak()
+    useful = flops * m["tokens_per_second"]
     return {"tokens_per_second": m["tokens_per_second"], "train_tokens": m["train_tokens"],
             "train_seconds": m["train_seconds"], "steps": m["steps"],
-            "peak_rss_bytes": m["peak_memory"]["peak_rss_bytes"]}
+            "peak_rss_bytes": m["peak_memory"]["peak_rss_bytes"],
+            "body_flops_per_token": flops, "useful_gflops": useful / 1e9,
+            "matmul_peak_gflops": peak / 1e9, "flop_utilisation": useful / peak}
+
+
+def body_flops_per_token(mean_len: float, rank: int = 8) -> float:
+    """Useful training FLOPs per real token of smollm2-135m's blocks under LoRA."""
+    from transformers import AutoConfig
+
+    from loralab.models import resolve_model
+
+    c = AutoConfig.from_pretrained(resolve_model("smollm2-135m"))
+    d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = d // c.num_attention_heads * c.num_key_value_heads
+    linear = d * d * 2 + d * kv * 2 + 3 * d * f  # q, o; k, v; gate, up, down
+    adapters = 2 * (d + d) + 2 * (d + kv)  # r x (in + out) for q, o and k, v
+    attention = 2 * 2 * mean_len * d  # scores and values, per token
+    return L * (4 * linear + 6 * rank * adapters + 3 * attention)
+
+
+def matmul_peak(n: int = 1024, seconds: float = 1.0) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
 def trl_job(steps: int, batch: int, n: int) -> dict:
