@@ -70,6 +70,25 @@ def test_fingerprint_follows_the_data_content(tmp_path):
     assert plan_compare(data=str(data), output=tmp_path / "o").fingerprint() != first
 
 
+def test_fingerprint_follows_a_saved_dataset_directory(tmp_path):
+    """A ``save_to_disk`` dir is hashed by its files: re-saved with one more row,
+    it is another comparison; untouched, the same."""
+    from datasets import Dataset
+
+    rows = {"text": [f"row {i}" for i in range(20)], "label": [str(i % 2) for i in range(20)]}
+    data = tmp_path / "ds"
+    Dataset.from_dict(rows).save_to_disk(str(data))
+    first = plan_compare(data=str(data), output=tmp_path / "o").fingerprint()
+    assert plan_compare(data=str(data), output=tmp_path / "o").fingerprint() == first
+    rows["text"].append("one more")
+    rows["label"].append("1")
+    import shutil
+
+    shutil.rmtree(data)
+    Dataset.from_dict(rows).save_to_disk(str(data))
+    assert plan_compare(data=str(data), output=tmp_path / "o").fingerprint() != first
+
+
 def test_sweep_grid_names_every_setting():
     plan = plan_sweep(ranks="2,8", alphas="2r,16", targets="attention,all-linear",
                       lrs="1e-4", output="unused")

@@ -133,18 +133,28 @@ def digest(obj) -> str:
 
 
 def file_digest(path: str | None) -> str | None:
-    """Content hash of a data file (built-in names resolved), None if no file."""
+    """Content hash of a data file or directory (a ``save_to_disk`` dataset: every
+    file under it, by relative path and content; built-in names resolved), None
+    if there is nothing on disk (a hub dataset id)."""
     if not path:
         return None
     from loralab.data.dataset import resolve_data_path
 
     resolved = Path(resolve_data_path(path))
-    if not resolved.is_file():
+    if resolved.is_file():
+        files = [(resolved.name, resolved)]
+    elif resolved.is_dir():
+        files = sorted((p.relative_to(resolved).as_posix(), p) for p in resolved.rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
+    else:
         return None
     h = hashlib.sha256()
-    with open(resolved, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for rel, file in files:
+        if len(files) > 1 or resolved.is_dir():
+            h.update(rel.encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
