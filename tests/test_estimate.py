@@ -73,9 +73,11 @@ def materialize(spec, dtype=torch.float32):
     return cls.from_config(spec.config).to(dtype)
 
 
-def apply(model, method: str, task: str, rank=4, targets="attention", dropout=0.0):
+def apply(model, method: str, task: str, rank=4, targets="attention", dropout=0.0,
+          use_dora=False):
     if method in ("lora", "qlora"):
-        inject_lora(model, LoRAConfig(r=rank, targets=targets, dropout=dropout, task=task))
+        inject_lora(model, LoRAConfig(r=rank, targets=targets, dropout=dropout, task=task,
+                                      use_dora=use_dora))
     elif method == "head":
         inject_lora(model, LoRAConfig(r=rank, task="classify"), target_names=[])
     return model
@@ -197,15 +199,15 @@ def measure_step(spec, model, batch: int, seq: int, padded: bool) -> int:
     return saved_bytes(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels))
 
 
-def check_saved(spec, method, dtype, padded, dropout=0.0, rel=0.02):
+def check_saved(spec, method, dtype, padded, dropout=0.0, rel=0.02, use_dora=False):
     batch, seq = 2, 24
     precision = "fp32" if dtype == torch.float32 else "bf16"
     cfg = EstimateConfig(method=method, precision=precision, rank=4, targets="all-linear",
                          lora_dropout=dropout, batch_size=batch, seq_len=seq, device="cpu",
-                         padded=padded)
+                         padded=padded, use_dora=use_dora)
     expected = Estimator(spec, cfg).activations(batch)["activations"]
     model = apply(materialize(spec, dtype), method, spec.task, targets="all-linear",
-                  dropout=dropout)
+                  dropout=dropout, use_dora=use_dora)
     assert expected == pytest.approx(measure_step(spec, model, batch, seq, padded), rel=rel)
 
 
@@ -221,6 +223,23 @@ def check_saved(spec, method, dtype, padded, dropout=0.0, rel=0.02):
 ])
 def test_activations_match_saved_tensors(tmp_path, kind, method, dtype, padded, dropout):
     check_saved(load_spec(write_config(tmp_path, kind)), method, dtype, padded, dropout)
+
+
+@pytest.mark.parametrize("kind,dropout", [("llama", 0.0), ("qwen3", 0.1), ("bert", 0.0)])
+def test_dora_params_and_activations_match_the_model(tmp_path, kind, dropout):
+    """DoRA: the magnitude vectors in the parameter count (one per output
+    feature of each adapted layer) and the two (tokens x out) tensors each
+    DoRA layer keeps for backward, against the materialized model."""
+    spec = load_spec(write_config(tmp_path, kind))
+    cfg = EstimateConfig(method="lora", precision="fp32", rank=4, targets="all-linear",
+                         device="cpu", use_dora=True)
+    est = estimate(spec, cfg)
+    model = apply(materialize(spec), "lora", spec.task, targets="all-linear", use_dora=True)
+    assert est.params["trainable"] == trainable_report(model)["trainable"]
+    plain = estimate(spec, EstimateConfig(method="lora", precision="fp32", rank=4,
+                                          targets="all-linear", device="cpu"))
+    assert est.params["trainable"] > plain.params["trainable"]
+    check_saved(spec, "lora", torch.float32, False, dropout, use_dora=True)
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)

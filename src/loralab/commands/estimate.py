@@ -33,6 +33,7 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
               help="LoRA on MoE experts' 3-D weights too, as `loralab train "
               "--target-parameters`: experts, or e.g. experts.down_proj.")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--use-dora", is_flag=True, help="DoRA on the LoRA layers (lora / qlora).")
 @click.option("--grad-checkpointing", is_flag=True)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--gpu", "gpu", default=None, metavar="SIZE",
@@ -44,7 +45,7 @@ METHOD_CHOICES = ("full", "lora", "qlora", "head", "all")
               "(QLoRA); --model defaults to llama-2-7b.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_len,
-        micro_batch_tokens, rank, targets, target_parameters, lora_dropout,
+        micro_batch_tokens, rank, targets, target_parameters, lora_dropout, use_dora,
         grad_checkpointing, device, gpu,
         no_overhead, explain, as_json):
     """Estimate training memory for full / LoRA / QLoRA / head before loading anything."""
@@ -58,7 +59,8 @@ def cmd(model, method, task, num_labels, precision, optimizer, batch_size, seq_l
         optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, rank=rank,
         targets=targets, lora_dropout=lora_dropout, grad_checkpointing=grad_checkpointing,
         device=device, gpu=gpu, overhead=not no_overhead,
-        micro_batch_tokens=micro_batch_tokens, target_parameters=target_parameters)
+        micro_batch_tokens=micro_batch_tokens, target_parameters=target_parameters,
+        use_dora=use_dora)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

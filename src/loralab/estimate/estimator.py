@@ -60,6 +60,12 @@ class Estimator:
             model = spec.model
             self._dequant = max((model.get_submodule(n).weight.numel()
                                  for n in quantized_linears(model)), default=0)
+        # DoRA's weight norm, ||W + sBA|| per output, builds sBA and W + sBA for one
+        # layer at a time (no graph: lora/layer.py ``_dora``)
+        self._dora_temp = 0
+        if cfg.use_dora and cfg.method in ("lora", "qlora") and self.targets:
+            self._dora_temp = 2 * max(spec.model.get_submodule(n).weight.numel()
+                                      for n in self.targets)
 
     # -- static parts ----------------------------------------------------------
     def params(self) -> dict:
@@ -91,6 +97,7 @@ class Estimator:
                       lora=self.targets.__contains__, rank=cfg.rank,
                       lora_params=self.expert_targets, weight_bytes=cfg.prec.weight,
                       lora_bytes=lora_bytes(cfg), lora_dropout=cfg.lora_dropout,
+                      dora=cfg.use_dora and cfg.method in ("lora", "qlora"),
                       device=cfg.device, padded=padded,
                       attn_impl=getattr(self.spec.model.config, "_attn_implementation", "sdpa")
                       or "sdpa", experts_impl=getattr(self.spec.model.config,
@@ -121,12 +128,13 @@ class Estimator:
 
     def workspace(self, batch: int | None = None) -> int:
         """One layer's gradients in flight, the largest NF4 weight dequantized to
-        the compute dtype (bitsandbytes does it per matmul) and autocast's cast
-        copies of the trainable weights."""
+        the compute dtype (bitsandbytes does it per matmul), autocast's cast
+        copies of the trainable weights and DoRA's weight-norm temporaries."""
         a, act = self.arch, self.cfg.prec.act
         ws = self.tokens(batch) * (a.hidden + a.intermediate) * act
         cast = self.cfg.prec.autocast_cache * self._params["trainable"]
-        return int(ws + act * self._dequant + cast)
+        dora = self._dora_temp * lora_bytes(self.cfg)
+        return int(ws + act * self._dequant + cast + dora)
 
     def overhead(self) -> int:
         if not self.cfg.overhead:

@@ -88,6 +88,9 @@ class EstimateConfig:
     # MoE experts' 3-D weights, as `loralab train --target-parameters` (lora/param.py)
     target_parameters: str | None = None
     lora_dropout: float = 0.0
+    # DoRA (loralab train --use-dora): a magnitude per output feature, two more
+    # (tokens x out) tensors saved per adapted layer, the weight norm's temporaries
+    use_dora: bool = False
     grad_checkpointing: bool = False
     device: str = "cuda"
     overhead: bool = True  # add the CUDA context / CPU process baseline
@@ -187,6 +190,7 @@ class Estimate:
             "micro_batch_tokens": cfg.tokens, "rows_per_pass": cfg.tokens // cfg.seq_len,
             "rank": cfg.rank if cfg.method in ("lora", "qlora") else None,
             "targets": cfg.targets if cfg.method in ("lora", "qlora") else None,
+            "use_dora": cfg.use_dora if cfg.method in ("lora", "qlora") else None,
             "grad_checkpointing": cfg.grad_checkpointing, "device": cfg.device,
             "params": dict(self.params), "bytes": dict(self.bytes),
             "weights_by_dtype": dict(self.weights_by_dtype),
@@ -235,8 +239,12 @@ def param_groups(spec: ModelSpec, cfg: EstimateConfig) -> tuple[list[Group], set
     if shapes:
         lbytes = lora_bytes(cfg)
         numels = [n for _, d_in, d_out in shapes for n in (cfg.rank * d_in, cfg.rank * d_out)]
-        groups.append(Group("lora", numels, "float32" if lbytes == 4 else "bfloat16",
-                            lbytes, True, lbytes, 0 if lbytes == FP32 else p.master))
+        ldtype, lmaster = "float32" if lbytes == 4 else "bfloat16", 0 if lbytes == FP32 \
+            else p.master
+        groups.append(Group("lora", numels, ldtype, lbytes, True, lbytes, lmaster))
+        if cfg.use_dora:  # lora_magnitude_vector: one per output feature, A's dtype
+            groups.append(Group("dora magnitude", [d_out for _, _, d_out in shapes], ldtype,
+                                lbytes, True, lbytes, lmaster))
     heads = [n for m in mts for n in _numels(model.get_submodule(m))]
     if heads:  # ModulesToSave: a trainable copy next to the frozen original
         groups.append(Group("head copy", heads, wdtype, p.weight, True, p.grad, p.master))

@@ -21,7 +21,8 @@ ROWS = [  # (key in Estimate.bytes, label)
 def build_report(model: str | None, method: str, *, task=None, num_labels=2, precision=None,
                  optimizer="adamw", batch_size=16, seq_len=None, rank=8, targets="attention",
                  lora_dropout=0.0, grad_checkpointing=False, device="cuda", gpu=None,
-                 overhead=True, micro_batch_tokens=None, target_parameters=None) -> dict:
+                 overhead=True, micro_batch_tokens=None, target_parameters=None,
+                 use_dora=False) -> dict:
     """Estimates for ``method`` (or every method with ``"all"``) as plain data."""
     if not model:
         raise LoralabError("no model given.", hint="Fix: pass --model llama-2-7b (or a "
@@ -42,7 +43,7 @@ def build_report(model: str | None, method: str, *, task=None, num_labels=2, pre
                              targets=targets, lora_dropout=lora_dropout,
                              grad_checkpointing=grad_checkpointing, device=device,
                              overhead=overhead, micro_batch_tokens=micro_batch_tokens,
-                             target_parameters=target_parameters)
+                             target_parameters=target_parameters, use_dora=use_dora)
         est = Estimator(spec, cfg)
         row = est.at().to_dict()
         if capacity is not None:

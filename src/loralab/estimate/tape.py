@@ -56,6 +56,7 @@ class Regime:
     rank: int = 0
     lora_bytes: int = FP32  # dtype of the LoRA weights (the input is cast to it)
     lora_dropout: float = 0.0
+    dora: bool = False  # DoRA on every LoRA layer (lora/layer.py ``_dora``)
     device: str = "cuda"  # "cuda" | "cpu": picks the attention kernel and the mask dtype
     attn_impl: str = "sdpa"  # the config's attention: "sdpa", "eager", "flash_attention_2"
     padded: bool = True  # a padding mask reaches attention (GQA keys get repeated)
@@ -127,6 +128,9 @@ class Tape:
             self.save(x)  # dW = dy^T x
         if lora:
             self._lora_branch(x)
+            if r.dora:  # (scale - 1) * base + scale * lora: both products keep their input
+                self.save(self.new(out, True, nbytes=r.lora_bytes))  # base = Wx (or W x_drop)
+                self.save(self.new(out, True, nbytes=r.lora_bytes))  # lora = s BAx
         return self.new(out, x.rg or train or lora)
 
     def _lora_branch(self, x: Sym) -> None:

@@ -49,7 +49,9 @@ def _peak_estimate(cfg, labels: int, device: str) -> int | None:
                               batch_size=cfg.batch_size, seq_len=cfg.max_length,
                               rank=cfg.rank or 8, targets=cfg.targets, device=device,
                               micro_batch_tokens=getattr(cfg, "micro_batch_tokens", None),
-                              target_parameters=getattr(cfg, "target_parameters", None))
+                              target_parameters=getattr(cfg, "target_parameters", None),
+                              use_dora=getattr(cfg, "use_dora", False),
+                              lora_dropout=getattr(cfg, "dropout", 0.0))
     except LoralabError:
         return None  # a model the estimator cannot read: the plan still prints
     return report["estimates"][0]["bytes"]["total"]
@@ -136,7 +138,8 @@ def plan_rows(plan, timed: bool = True, echo=None) -> list[dict]:
         for run in plan.runs:
             cfg = plan.configs[run.name]
             facts = facts or _data_facts(cfg)  # the same data and split sizes for every run
-            key = (cfg.method, cfg.rank, str(cfg.targets), cfg.batch_size, cfg.max_length)
+            key = (cfg.method, cfg.rank, str(cfg.targets), cfg.batch_size, cfg.max_length,
+                   cfg.use_dora, cfg.dropout)
             if key not in peaks:
                 peaks[key] = _peak_estimate(cfg, facts["labels"], device)
             shape = _shape(cfg)
