@@ -51,11 +51,13 @@ def tiny_model_dir(model: str, folder: Path) -> Path:
     for key, value in TINY.items():
         if hasattr(cfg, key) or key in ("head_dim",):
             setattr(cfg, key, value)
+    if getattr(cfg, "layer_types", None):  # per-layer attention kinds: one per layer kept
+        cfg.layer_types = cfg.layer_types[:cfg.num_hidden_layers]
     arch = (cfg.architectures or ["AutoModel"])[0]
     cls = getattr(transformers, arch, transformers.AutoModel)
     torch.manual_seed(0)
     net = cls(cfg) if arch != "AutoModel" else cls.from_config(cfg)
-    out = folder / f"tiny-{model}"
+    out = folder / f"tiny-{Path(model).name}"
     net.save_pretrained(out)
     load_tokenizer(model).save_pretrained(out)
     return out
@@ -84,7 +86,7 @@ def measure_overhead(model: str, method: str, task: str, data: Path, args,
     """Peak RSS of the same `loralab train` run on the tiny twin of ``model``,
     less the twin's own estimated tensors and activations."""
     tiny = tiny_model_dir(model, folder)
-    metrics = train(str(tiny), method, data, args, folder / f"tiny-{model}-{method}")
+    metrics = train(str(tiny), method, data, args, folder / f"{tiny.name}-{method}")
     est = estimate_for(str(tiny), method, task, 2, args, overhead=False)
     return metrics["peak_memory"]["peak_rss_bytes"] - est.bytes["total"]
 
@@ -195,14 +197,15 @@ def main(argv=None) -> None:
             task = "classify" if model == "minilm" else "sft"
             for method in args.methods.split(","):
                 overhead = measure_overhead(model, method, task, data[task], args, folder)
-                metrics = train(model, method, data[task], args, folder / f"{model}-{method}")
+                name = Path(model).name  # a model dir or a name
+                metrics = train(model, method, data[task], args, folder / f"{name}-{method}")
                 est = estimate_for(model, method, task, 2, args)
                 rows.append(compare(model, method, metrics, est))
                 rows[-1]["overhead_measured"] = overhead
                 rows[-1]["overhead_estimated"] = est.bytes["overhead"]
                 if args.fixed_malloc:
                     fixed = train(model, method, data[task], args,
-                                  folder / f"{model}-{method}-fixed", env=FIXED_MALLOC)
+                                  folder / f"{name}-{method}-fixed", env=FIXED_MALLOC)
                     rows[-1]["rss_fixed_malloc"] = fixed["peak_memory"]["peak_rss_bytes"]
                 print(json.dumps(rows[-1]), flush=True)
     command = "python bench/estimate_vs_measured.py " + " ".join(

@@ -459,6 +459,23 @@ def test_cli_json_all_methods(capsys):
         assert e["gpu"]["fits"] and e["gpu"]["max_batch_size"] >= 16
 
 
+def test_cpu_estimate_states_the_measured_rss_range(capsys):
+    """On CPU the estimate is live memory; the range RSS has measured at is given
+    beside it (BENCHMARKS.md), in the JSON and the table."""
+    from loralab.estimate.formula import CPU_RSS_MEASURED_RATIO
+
+    data = json.loads(run_cli(["estimate", "--model", "minilm", "--method", "lora",
+                               "--device", "cpu", "--json"], capsys))
+    b = data["estimates"][0]["bytes"]
+    lo, hi = CPU_RSS_MEASURED_RATIO
+    assert (b["rss_low"], b["rss_high"]) == (int(b["total"] * lo), int(b["total"] * hi))
+    table = run_cli(["estimate", "--model", "minilm", "--method", "lora", "--device", "cpu"],
+                    capsys)
+    assert "peak RSS, measured range" in table and f"{lo:g}-{hi:g}x" in table
+    gpu = json.loads(run_cli(["estimate", "--model", "minilm", "--json"], capsys))
+    assert "rss_low" not in gpu["estimates"][0]["bytes"]
+
+
 def test_cli_table_and_explain(capsys):
     out = run_cli(["estimate", "--model", "smollm2-135m", "--method", "qlora",
                    "--gpu", "4GB"], capsys)

@@ -31,6 +31,15 @@ def test_memory_breakdown_adds_up_to_the_measured_peak():
     mem = R.memory_breakdown(row)
     assert mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["other"] == mem["peak"]
     assert mem["peak"] == row["peak_memory"]["peak_rss_bytes"]
+    # CPU runs measure two parts of the rest: they are named, and the sum still holds
+    row["peak_memory"].update(process_baseline_bytes=300 * S.MiB,
+                              mapped_checkpoint_bytes=50 * S.MiB)
+    mem = R.memory_breakdown(row)
+    assert mem["process_baseline"] == 300 * S.MiB and mem["mapped_checkpoint"] == 50 * S.MiB
+    assert sum(mem[k] for k in R.MEMORY_PARTS) == mem["peak"]
+    assert mem["other"] == 50 * S.MiB  # 400 MiB beyond the tensors, 350 of them named
+    html = build_report([row], S.META)
+    assert "process baseline 300.0 MiB" in html and "mapped checkpoint" in html
 
 
 def test_headline_quality_per_task():

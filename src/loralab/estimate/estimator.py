@@ -20,6 +20,7 @@ from loralab.estimate.formula import (
     CPU_CLASSIFY_EXTRA,
     CPU_PROCESS_BYTES,
     CPU_QLORA_EXTRA,
+    CPU_RSS_MEASURED_RATIO,
     CUDA_CONTEXT_BYTES,
     OPTIMIZERS,
     Estimate,
@@ -166,6 +167,9 @@ class Estimator:
         b["total"] = (b["weights"] + b["master_weights"] + b["optimizer"]
                       + max(backward, b["gradients"]) + b["mapped_checkpoint"]
                       + b["overhead"])
+        if self.cfg.device == "cpu" and self.cfg.overhead:  # what RSS has measured at
+            lo, hi = CPU_RSS_MEASURED_RATIO
+            b["rss_low"], b["rss_high"] = int(b["total"] * lo), int(b["total"] * hi)
         cfg = self.cfg if batch == self.cfg.batch_size else _with_batch(self.cfg, batch)
         return Estimate(self.spec.name, self.spec.model_type, self.spec.task, cfg,
                         dict(self._params), b, dict(self.by_dtype), self.assumptions(),
@@ -215,8 +219,10 @@ class Estimator:
                                    else "CPU process of `loralab train` (measured, BENCHMARKS.md)")
                    if cfg.overhead else "overhead: not counted")
         if cfg.device == "cpu":
-            out.append("CPU: live memory; glibc malloc can keep freed blocks resident, so "
-                       "RSS may run up to ~25 % higher (BENCHMARKS.md)")
+            lo, hi = CPU_RSS_MEASURED_RATIO
+            out.append(f"CPU: live memory; glibc keeps freed blocks for reuse, so the peak "
+                       f"RSS `loralab train` measures has been {lo:g}-{hi:g}x this estimate "
+                       "(BENCHMARKS.md, estimate vs measured)")
         return out
 
 

@@ -77,6 +77,10 @@ def print_report(report: dict) -> None:
             for dtype in sorted({d for e in ests for d in e["weights_by_dtype"]}):
                 table.add_row(f"  {dtype}", *[format_bytes(e["weights_by_dtype"].get(dtype, 0))
                                                for e in ests], style="dim")
+    if "rss_low" in first["bytes"]:
+        table.add_row("peak RSS, measured range", *[
+            f"{format_bytes(e['bytes']['rss_low'])}-{format_bytes(e['bytes']['rss_high'])}"
+            for e in ests], style="dim")
     if "gpu" in first:
         cap = format_bytes(first["gpu"]["capacity_bytes"])
         table.add_row(f"fits in {cap}", *["yes" if e["gpu"]["fits"] else "no" for e in ests])

@@ -21,8 +21,9 @@ METHOD_COLORS = {"full": "#3b4cc0", "head": "#9a9a9a", "lora": "#e07b39", "qlora
                  "dora": "#b5651d", "qdora": "#1b6f66", "pissa": "#9467bd", "olora": "#c5b0d5",
                  "rslora": "#d62728", "lora-plus": "#8c564b"}
 INTERVAL_COLOR = "#222222"  # error bars: the 95 % interval of a quality figure
-MEMORY_PARTS = (("weights", "#4e79a7"), ("gradients", "#f28e2b"),
-                ("optimizer", "#e15759"), ("other", "#bab0ac"))
+MEMORY_COLORS = {"weights": "#4e79a7", "gradients": "#f28e2b", "optimizer": "#e15759",
+                 "process_baseline": "#76b7b2", "mapped_checkpoint": "#edc948",
+                 "other": "#bab0ac"}
 STYLE = {"svg.fonttype": "none", "font.size": 10, "axes.spines.top": False,
          "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
 
@@ -84,15 +85,17 @@ def memory_stack(names: list[str], parts: list[dict], title: str) -> str:
     """Stacked bars of the peak-memory breakdown, in MiB."""
     fig, ax = _hbar_figure(len(names), title)
     left = [0.0] * len(names)
-    for key, col in MEMORY_PARTS:
-        widths = [p[key] / 2**20 for p in parts]
-        ax.barh(names, widths, left=left, color=col, label=key)
+    for key in R.MEMORY_PARTS:
+        if not any(p.get(key) for p in parts) and key not in ("weights", "other"):
+            continue  # parts no run measured (GPU runs have no process baseline)
+        widths = [(p.get(key) or 0) / 2**20 for p in parts]
+        ax.barh(names, widths, left=left, color=MEMORY_COLORS[key], label=R.MEMORY_LABELS[key])
         left = [a + b for a, b in zip(left, widths)]
     for y, p in enumerate(parts):
         ax.text(left[y] * 1.01, y, fmt.nbytes(p["peak"]), va="center", fontsize=9)
     ax.set_xlim(right=max(left) * 1.25 if left else 1)
     ax.set_xlabel("MiB at peak")
-    fig.legend(loc="outside lower center", fontsize=8, ncol=4, frameon=False)
+    fig.legend(loc="outside lower center", fontsize=8, ncol=3, frameon=False)
     return to_svg(fig, title)
 
 

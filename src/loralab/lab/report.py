@@ -91,8 +91,8 @@ def _memory_cell(row: dict) -> str:
     mem = R.memory_breakdown(row)
     if mem is None:
         return "—"
-    detail = " · ".join(f"{k[0]} {fmt.nbytes(mem[k])}" for k in
-                        ("weights", "gradients", "optimizer", "other"))
+    detail = " · ".join(f"{R.MEMORY_LABELS[k]} {fmt.nbytes(mem[k])}" for k in R.MEMORY_PARTS
+                        if k in mem and (mem[k] or k in ("weights", "other")))
     return f"{fmt.nbytes(mem['peak'])}<br><span class='small'>{esc(detail)}</span>"
 
 

@@ -248,11 +248,23 @@ def _disambiguate(names: list[str], extras: list[str | None]) -> list[str]:
     return [f"{n} {e}" if names.count(n) > 1 and e else n for n, e in zip(names, extras)]
 
 
+# the parts of memory_breakdown, in the order they stack (the last is the remainder)
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "process_baseline", "mapped_checkpoint",
+                "other")
+MEMORY_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer",
+                 "process_baseline": "process baseline", "mapped_checkpoint": "mapped checkpoint",
+                 "other": "other: activations, allocator"}
+
+
 def memory_breakdown(row: dict) -> dict | None:
     """Peak memory split into weights, gradients, optimizer state and the rest.
 
-    'other' is the measured peak (process RSS on CPU, allocated on CUDA) minus
-    the exact tensor account: activations, buffers, the framework itself."""
+    On CPU two more parts of the rest are measured, not estimated: the process
+    baseline (its resident memory before the model loaded: interpreter,
+    libraries, the data) and the memory-mapped checkpoint pages still resident
+    at the end (QLoRA quantizes from that map). 'other' is what remains of the
+    measured peak (process RSS on CPU, allocated on CUDA): activations at the
+    peak, the allocator's kept and fragmented blocks, buffers."""
     peak = row.get("peak_memory") or {}
     tensors = peak.get("tensors") or {}
     measured = peak.get("peak_allocated_bytes") or peak.get("peak_rss_bytes")
@@ -262,6 +274,11 @@ def memory_breakdown(row: dict) -> dict | None:
         measured = tensors.get("total_bytes") or (accounted or None)
     if measured is None:
         return None
+    for key in ("process_baseline", "mapped_checkpoint"):
+        value = peak.get(f"{key}_bytes")
+        if fmt.is_number(value) and peak.get("peak_rss_bytes"):
+            parts[key] = max(0, min(int(value), measured - accounted))
+            accounted += parts[key]
     parts["other"] = max(0, measured - accounted)
     parts["peak"] = measured
     return parts
@@ -386,7 +403,8 @@ def verdict(row: dict, full: dict | None, quality: Quality, label: str) -> str:
 CSV_FIELDS = (
     "run", "status", "method", "variant", "rank", "alpha", "lr", "targets", "trainable_params",
     "total_params", "trainable_percent", "train_seconds", "tokens_per_second", "peak_bytes",
-    "weights_bytes", "gradients_bytes", "optimizer_bytes", "other_bytes", "artifact_bytes",
+    "weights_bytes", "gradients_bytes", "optimizer_bytes", "process_baseline_bytes",
+    "mapped_checkpoint_bytes", "other_bytes", "artifact_bytes",
     "quality_metric", "quality", "accuracy", "f1", "eval_loss", "perplexity",
     "forgetting_before_ppl", "forgetting_after_ppl",
     "forgetting_percent", "params_ratio_vs_full", "speedup_vs_full", "memory_ratio_vs_full",
@@ -403,7 +421,7 @@ def csv_row(row: dict, full: dict | None, quality: Quality) -> dict:
         **{k: row.get(k) for k in ("trainable_params", "total_params", "trainable_percent",
                                      "train_seconds", "tokens_per_second", "artifact_bytes")},
         "peak_bytes": mem.get("peak"),
-        **{f"{k}_bytes": mem.get(k) for k in ("weights", "gradients", "optimizer", "other")},
+        **{f"{k}_bytes": mem.get(k) for k in MEMORY_PARTS},
         "quality_metric": quality.key, "quality": metric_value(row, quality.key),
         "accuracy": metric_value(row, "accuracy"), "f1": metric_value(row, "f1"),
         "eval_loss": metric_value(row, "loss"), "perplexity": metric_value(row, "perplexity"),

@@ -18,8 +18,11 @@ def _memory(row: dict) -> str:
     mem = R.memory_breakdown(row)
     if mem is None:
         return "—"
+    measured = "".join(f" {tag}{_short(mem[k])}" for k, tag in
+                       (("process_baseline", "base"), ("mapped_checkpoint", "map"))
+                       if mem.get(k))  # CPU: measured parts of the rest
     return (f"{fmt.nbytes(mem['peak'])}\n[dim]w{_short(mem['weights'])} "
-            f"g{_short(mem['gradients'])} o{_short(mem['optimizer'])}[/]")
+            f"g{_short(mem['gradients'])} o{_short(mem['optimizer'])}{measured}[/]")
 
 
 def _forgetting(row: dict) -> str:

@@ -74,6 +74,40 @@ def _vm_hwm() -> int | None:
     return None
 
 
+def current_rss() -> int | None:
+    """This process's resident memory now (VmRSS), None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def mapped_checkpoint_rss() -> int | None:
+    """Resident pages of memory-mapped checkpoint files (/proc/self/smaps): on
+    CPU the loaders map the weight files, and QLoRA quantizes from that map,
+    whose pages stay resident while the model lives."""
+    total, current = 0, False
+    try:
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's header line
+                    path = line.split()[-1] if len(line.split()) >= 6 else ""
+                    current = path.endswith(CHECKPOINT_SUFFIXES)
+                elif current and head == "Rss:":
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return total
+
+
 def peak_process_memory(device: str) -> dict:
     if device == "cuda":
         return {"device": "cuda", "peak_allocated_bytes": torch.cuda.max_memory_allocated(),

@@ -28,7 +28,9 @@ from loralab.train.attention import use_fast_attention
 from loralab.train.first_token import use_first_token_only
 from loralab.train.loop import Loop, check_budget, device_multiple
 from loralab.train.memory import (
+    current_rss,
     keep_freed_heap,
+    mapped_checkpoint_rss,
     peak_process_memory,
     reset_peak,
     tensor_account,
@@ -160,6 +162,9 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
                         resume is not None)
     acc.wait_for_everyone()
     reset_peak(acc.device.type)
+    # what the process holds before the model loads (interpreter, libraries, the
+    # data): the measured floor under the peak, named in the memory breakdown
+    baseline = current_rss() if acc.device.type == "cpu" else None
     set_seed(cfg.seed)
     model, tok = load_for_method(cfg, acc.device.type, prep.label_map)
     if acc.device.type == "cpu":
@@ -198,7 +203,9 @@ def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     with distributed.whole_trainable(acc.unwrap_model(loop.model), keep=acc.is_main_process):
         if acc.is_main_process:
             with _keeping_checkpoint(loop, run_dir):
-                _save(loop, cfg, tok, run_dir, prep, splits, dict(results, tensors=tensors))
+                mapped = mapped_checkpoint_rss() if acc.device.type == "cpu" else None
+                _save(loop, cfg, tok, run_dir, prep, splits,
+                      dict(results, tensors=tensors, baseline_rss=baseline, mapped_rss=mapped))
     acc.wait_for_everyone()
     return run_dir
 
@@ -307,6 +314,9 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
     peak = peak_process_memory(loop.acc.device.type)
     peak["tensors"] = results.get("tensors") or tensor_account(model, s.gradients_bytes,
                                                                s.optimizer_bytes)
+    if results.get("baseline_rss") is not None:  # CPU: measured parts of what is not tensors
+        peak["process_baseline_bytes"] = results["baseline_rss"]
+        peak["mapped_checkpoint_bytes"] = results.get("mapped_rss") or 0
     lora = cfg.method in ("lora", "qlora")
     step_seconds = max(s.train_seconds - s.eval_seconds, 1e-9)
     metrics = {
