@@ -87,9 +87,10 @@ def test_every_method_and_task(models, data, tmp_path, task, method, kind):
     tensors = m["peak_memory"]["tensors"]
     assert tensors["gradients_bytes"] > 0 and tensors["optimizer_bytes"] > 0
     assert m["peak_memory"]["peak_rss_bytes"] > tensors["weights_bytes"]
-    # measured on CPU: the process before the model loaded (python, torch, the data)
+    # measured on CPU: the process before the model loaded (python, torch, the data);
+    # a tiny model may add nothing above the high-water mark the process had already
     base = m["peak_memory"]["process_baseline_bytes"]
-    assert 50 * 2**20 < base < m["peak_memory"]["peak_rss_bytes"]
+    assert 50 * 2**20 < base <= m["peak_memory"]["peak_rss_bytes"]
     assert m["peak_memory"]["mapped_checkpoint_bytes"] >= 0
     if method == "qlora":
         assert "nf4" in tensors["weights_by_dtype"]
