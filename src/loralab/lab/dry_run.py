@@ -17,6 +17,7 @@ saving and generation samples come on top.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -58,7 +59,7 @@ def _peak_estimate(cfg, labels: int, device: str) -> int | None:
 
 
 def _shape(cfg) -> tuple:
-    """What the time of a step depends on (not the seed, the rate or the epochs)."""
+    """What a step's time and memory depend on (not the seed, the rate or the epochs)."""
     from loralab.lab.plan import variant_of
 
     return (cfg.method, variant_of(cfg), cfg.rank, str(cfg.targets), cfg.batch_size,
@@ -119,16 +120,14 @@ def _search_seconds(plan, cfg, facts, timing) -> float | None:
     settings = plan.lab.get("tune_lr")
     if not settings:
         return 0.0
-    import dataclasses
-
     short = dataclasses.replace(cfg, **budget(cfg, settings["fraction"]))
     one = expected_seconds(timing, run_steps(short, facts, timing))
     return None if one is None else one * len(settings["factors"])
 
 
-def plan_rows(plan, timed: bool = True, echo=None) -> list[dict]:
+def plan_rows(plan, echo=None) -> list[dict]:
     """One row per run: name, method, rank, lr, seed, steps, estimated peak,
-    expected training time (``timed``: a few steps of each shape measured)."""
+    expected training time (a few steps of each training shape measured)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,24 +137,22 @@ def plan_rows(plan, timed: bool = True, echo=None) -> list[dict]:
         for run in plan.runs:
             cfg = plan.configs[run.name]
             facts = facts or _data_facts(cfg)  # the same data and split sizes for every run
-            key = (cfg.method, cfg.rank, str(cfg.targets), cfg.batch_size, cfg.max_length,
-                   cfg.use_dora, cfg.dropout)
-            if key not in peaks:
-                peaks[key] = _peak_estimate(cfg, facts["labels"], device)
             shape = _shape(cfg)
-            if timed and shape not in timings:
+            if shape not in peaks:
+                peaks[shape] = _peak_estimate(cfg, facts["labels"], device)
+            if shape not in timings:
                 if echo:
                     echo(f"timing {probe_steps()} steps of {run.name} "
                          f"({len(timings) + 1} of {len(shapes)} training shapes)...")
                 timings[shape] = time_steps(plan, run.name, Path(tmp))
-            timing = timings.get(shape)
+            timing = timings[shape]
             steps = run_steps(cfg, facts, timing)
             rank = cfg.rank if cfg.method in ("lora", "qlora") else None
             out.append({"run": run.name, "method": cfg.method, "rank": rank, "lr": cfg.lr,
-                        "seed": cfg.seed, "steps": steps, "peak_bytes": peaks[key],
+                        "seed": cfg.seed, "steps": steps, "peak_bytes": peaks[shape],
                         "expected_seconds": expected_seconds(timing, steps),
                         "search_seconds": _search_seconds(plan, cfg, facts, timing),
-                        "timing_error": (timing or {}).get("error")})
+                        "timing_error": timing.get("error")})
     return out
 
 

@@ -142,7 +142,7 @@ def file_digest(path: str | None) -> str | None:
 
     resolved = Path(resolve_data_path(path))
     if resolved.is_file():
-        files = [(resolved.name, resolved)]
+        files = [(None, resolved)]
     elif resolved.is_dir():
         files = sorted((p.relative_to(resolved).as_posix(), p) for p in resolved.rglob("*")
                        if p.is_file() and not p.name.startswith("."))
@@ -150,7 +150,7 @@ def file_digest(path: str | None) -> str | None:
         return None
     h = hashlib.sha256()
     for rel, file in files:
-        if len(files) > 1 or resolved.is_dir():
+        if resolved.is_dir():  # a lone file hashes as before: cached comparisons stay valid
             h.update(rel.encode() + b"\0")
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):

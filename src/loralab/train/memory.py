@@ -63,11 +63,13 @@ def keep_freed_heap() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
 
 
-def _vm_hwm() -> int | None:
+def _status_bytes(key: str) -> int | None:
+    """A kB field of /proc/self/status (``VmHWM``, ``VmRSS``) in bytes, None
+    where /proc is absent."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -75,15 +77,8 @@ def _vm_hwm() -> int | None:
 
 
 def current_rss() -> int | None:
-    """This process's resident memory now (VmRSS), None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """This process's resident memory now (VmRSS)."""
+    return _status_bytes("VmRSS")
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -112,7 +107,7 @@ def peak_process_memory(device: str) -> dict:
     if device == "cuda":
         return {"device": "cuda", "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
-    hwm = _vm_hwm()
+    hwm = _status_bytes("VmHWM")
     if hwm is None:
         scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
         hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
