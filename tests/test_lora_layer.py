@@ -128,3 +128,33 @@ def test_delta_is_computed_in_fp32_and_cast_back():
 def test_bad_hyperparameters_name_the_fix(kwargs):
     with pytest.raises(LoralabError, match="Fix"):
         LoRAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_branch_matches_module_path_and_keeps_less(p):
+    """LoRABranch (the training path) gives the module path's output and gradients
+    under the same mask draws, and keeps fewer bytes for the backward."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12).double())
+    layer.add_adapter("a", 4, 8, dropout=p)
+    nn.init.normal_(layer.lora_B["a"].weight)
+    layer.double().train()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    runs = []
+    for branch in (True, False):
+        layer.zero_grad()
+        x.grad = None
+        saved = []
+        torch.manual_seed(1)
+        if not branch:
+            layer._branch = lambda *a: None
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+            y = layer(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), x.grad.clone(), layer.lora_A["a"].weight.grad.clone(),
+                     layer.lora_B["a"].weight.grad.clone(), sum(saved)))
+    for new, old in zip(runs[0][:4], runs[1][:4]):
+        torch.testing.assert_close(new, old)
+    if p > 0:  # a bool mask, not the float mask and the dropped copy
+        assert runs[0][4] < runs[1][4]

@@ -139,9 +139,12 @@ class Tape:
         if r.lora_bytes != x.nbytes:  # x.to(A.weight.dtype)
             xin = self.new(x.elems, x.rg, nbytes=r.lora_bytes)
         if r.lora_dropout > 0 and r.training:
-            if xin.rg:
-                self.save(self.new(xin.elems, False, nbytes=r.mask_bytes(xin.nbytes)))
-            xin = self.new(xin.elems, xin.rg, nbytes=xin.nbytes)
+            if not r.dora:  # LoRABranch: x itself and a bool keep-mask
+                self.save(self.new(xin.elems, False, nbytes=1))
+            else:  # DoRA's dropout module: its mask, and the dropped copy for dA
+                if xin.rg:
+                    self.save(self.new(xin.elems, False, nbytes=r.mask_bytes(xin.nbytes)))
+                xin = self.new(xin.elems, xin.rg, nbytes=xin.nbytes)
         self.save(xin)  # dA needs A's input
         self.save(self.new(r.rank, True, nbytes=r.lora_bytes))  # dB needs A x
 

@@ -32,6 +32,14 @@ def keep_mask(numel: int, p: float) -> torch.Tensor:
     return (bits.view(torch.int16) >= threshold)[:numel]
 
 
+def keep_mask_like(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool tensor shaped like ``x``, each element True with probability ~1 - p:
+    the CPU mask above, or a uniform draw compared with ``p`` on other devices."""
+    if x.device.type == "cpu":
+        return keep_mask(x.numel(), p).view(x.shape)
+    return torch.rand(x.shape, device=x.device) >= p
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0:
         return x

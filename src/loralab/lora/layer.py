@@ -23,7 +23,7 @@ from torch import nn
 
 from loralab.errors import LoralabError
 from loralab.lora.base import base_shape, is_4bit, is_conv1d
-from loralab.lora.dropout import Dropout
+from loralab.lora.dropout import Dropout, keep_mask_like
 from loralab.lora.quant import dequantize_linear, dequantize_weight
 from loralab.lora.variants import dora_merged, dora_weight_norm, is_mutated_init, mutated_factors
 
@@ -40,6 +40,48 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out:
 def merge_weight(weight, A, B, scaling, fan_in_fan_out=False):
     """Return ``weight + delta`` computed in fp32 and cast back to the weight's dtype."""
     return (weight.float() + lora_delta(A, B, scaling, fan_in_fan_out)).to(weight.dtype)
+
+
+class LoRABranch(torch.autograd.Function):
+    """``result + s/(1-p) · ((x ⊙ keep) @ Aᵀ) @ Bᵀ``, the training path of a plain adapter.
+
+    Autograd would keep, per adapted layer, the dropped input and the float mask
+    it was multiplied by (8 bytes per input element), and each of query, key and
+    value would keep its own. This keeps ``x`` itself (one tensor, shared by every
+    adapter reading it), the bool keep-mask (1 byte per element, none without
+    dropout) and the (N, r) ``h``; the backward recomputes ``x ⊙ keep``, one
+    elementwise pass. The forward also makes one pass over ``x`` where the
+    dropout module made three (mask to float, scale, multiply): the 1/(1-p)
+    is folded into the scaling. Same expectation, same mask draws as
+    :class:`~loralab.lora.dropout.Dropout`.
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float):
+        # result: (N, out), x: (N, in), weight_a: (r, in), weight_b: (out, r)
+        keep = keep_mask_like(x, p) if p > 0 else None  # (N, in) bool
+        h = torch.mm(x if keep is None else x * keep, weight_a.t())  # (N, r)
+        s = scaling / (1.0 - p)
+        ctx.save_for_backward(x, keep, h, weight_a, weight_b)
+        ctx.s = s
+        return torch.addmm(result, h, weight_b.t(), alpha=s)  # (N, out)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (N, out)
+        x, keep, h, weight_a, weight_b = ctx.saved_tensors
+        s = ctx.s
+        need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
+        g_h = torch.mm(grad, weight_b).mul_(s)  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = torch.mm(grad.t(), h).mul_(s)  # (out, r)
+        if need_a:
+            grad_a = torch.mm(g_h.t(), x if keep is None else x * keep)  # (r, in)
+        if need_x:
+            grad_x = torch.mm(g_h, weight_a)  # (N, in)
+            if keep is not None:
+                grad_x.mul_(keep)
+        return grad if need_result else None, grad_x, grad_a, grad_b, None, None
 
 
 class DoRAMagnitude(nn.Module):
@@ -211,6 +253,10 @@ class LoRALinear(nn.Module):
         if name in self.lora_magnitude_vector:
             return result + self._dora(name, x, result)
         A, B = self.lora_A[name], self.lora_B[name]
+        if torch.is_grad_enabled():
+            branch = self._branch(name, x, result)
+            if branch is not None:
+                return branch
         h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
         if h.dtype == result.dtype:
             # B's matmul, the scaling and the add in one addmm: no (..., out)
@@ -219,6 +265,25 @@ class LoRALinear(nn.Module):
                               B.weight.t(), alpha=self.scaling[name])
             return out.view(result.shape)
         return result + (B(h) * self.scaling[name]).to(result.dtype)
+
+    def _branch(self, name: str, x: torch.Tensor, result: torch.Tensor):
+        """The adapter's training forward as :class:`LoRABranch`, in the compute
+        dtype (autocast's, when on); None where the dtypes do not line up."""
+        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight_a, weight_b = x.to(dtype), weight_a.to(dtype), weight_b.to(dtype)
+            result = result.to(dtype)
+        if not (x.dtype == weight_a.dtype == result.dtype):
+            return None
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        if p >= 1:
+            return None
+        out = LoRABranch.apply(result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]),
+                               weight_a, weight_b, self.scaling[name], p)
+        return out.view(result.shape)
 
     def _forward_routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row uses its own adapter (None: the base) in one pass."""
