@@ -52,8 +52,8 @@ class LoRABranch(torch.autograd.Function):
     dropout) and the (N, r) ``h``; the backward recomputes ``x ⊙ keep``, one
     elementwise pass. The forward also makes one pass over ``x`` where the
     dropout module made three (mask to float, scale, multiply): the 1/(1-p)
-    is folded into the scaling. Same expectation, same mask draws as
-    :class:`~loralab.lora.dropout.Dropout`.
+    is folded into the scaling. Same expectation as the module path, and on
+    CPU the same mask draws as :class:`~loralab.lora.dropout.Dropout`.
     """
 
     @staticmethod
