@@ -149,7 +149,8 @@ def test_branch_matches_module_path_and_keeps_less(p):
         if not branch:
             layer._branch = lambda *a: None
         with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+                lambda t, saved=saved: saved.append(t.untyped_storage().nbytes()) or t,
+                lambda t: t):
             y = layer(x)
         y.square().sum().backward()
         runs.append((y.detach(), x.grad.clone(), layer.lora_A["a"].weight.grad.clone(),

@@ -45,7 +45,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or not x.is_floating_point() or p >= 1:
         return F.dropout(x, p, training)
-    scale = keep_mask(x.numel(), p).view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - p))
+    scale = keep_mask_like(x, p).to(x.dtype).mul_(1.0 / (1.0 - p))
     return x * scale  # autograd keeps ``scale`` for the backward pass
 
 
