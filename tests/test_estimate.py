@@ -24,6 +24,7 @@ from loralab.estimate.explain import explain_rows
 from loralab.lora import LoRAConfig, inject_lora, trainable_report
 from loralab.lora.quant import quantize_model_4bit
 from loralab.train import lm_loss
+from loralab.train.gated_mlp import use_fused_gated_mlp
 from loralab.train.memory import weight_account
 
 VOCAB = 96
@@ -80,6 +81,7 @@ def apply(model, method: str, task: str, rank=4, targets="attention", dropout=0.
                                       use_dora=use_dora))
     elif method == "head":
         inject_lora(model, LoRAConfig(r=rank, task="classify"), target_names=[])
+    use_fused_gated_mlp(model)  # as loralab train loads it
     return model
 
 

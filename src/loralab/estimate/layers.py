@@ -218,10 +218,10 @@ def _mlp(t: Tape, a: Arch, n: Sym, p: str) -> Sym:
     if a.family == "phi3":  # gate_up_proj(x).chunk(2): gate and up are views
         gu = t.linear(n, p + "mlp.gate_up_proj", 2 * a.intermediate)  # (B, T, 2I)
         gate, up = (Sym(a.intermediate, gu.nbytes, gu.rg, view_of=gu) for _ in range(2))
-        h = t.mul(up, t.act(gate, a.act))
+        h = t.gated(gate, up, a.act)
     else:
-        gate = t.act(t.linear(n, p + "mlp.gate_proj", a.intermediate), a.act)  # (B, T, I)
-        h = t.mul(gate, t.linear(n, p + "mlp.up_proj", a.intermediate))
+        gate = t.linear(n, p + "mlp.gate_proj", a.intermediate)  # (B, T, I)
+        h = t.gated(gate, t.linear(n, p + "mlp.up_proj", a.intermediate), a.act)
     return t.linear(h, p + "mlp.down_proj", a.hidden)
 
 

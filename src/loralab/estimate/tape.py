@@ -29,6 +29,9 @@ ACT_SAVES = {
     # 0.5 * x * (1 + tanh(c * (x + 0.044715 x^3))) keeps x, tanh(.), 0.5x, 1 + tanh(.)
     "gelu_new": 4, "gelu_fast": 4, "quick_gelu": 2,
 }
+# hidden_act names whose gated MLP product train/gated_mlp.py runs as one
+# function (the activation is one torch call): it keeps gate and up, not act(gate)
+GATED_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh")
 
 
 @dataclass(eq=False)
@@ -187,6 +190,18 @@ class Tape:
         if b.rg:
             self.save(a)
         return self.new(a.elems, a.rg or b.rg)
+
+    def gated(self, gate: Sym, up: Sym, fn: str) -> Sym:
+        """``act(gate) * up`` of a SwiGLU/GeGLU MLP in training: train/gated_mlp.py
+        keeps ``gate`` (and ``up`` when ``gate`` needs a gradient) and recomputes
+        the activation; other activations run as plain ops."""
+        if fn not in GATED_ACTS:
+            return self.mul(self.act(gate, fn), up)
+        if gate.rg or up.rg:
+            self.save(gate)
+        if gate.rg:
+            self.save(up)
+        return self.new(gate.elems, gate.rg or up.rg)
 
     def add(self, a: Sym, b: Sym) -> Sym:
         return self.new(a.elems, a.rg or b.rg)

@@ -6,6 +6,7 @@ import torch
 
 from loralab.errors import LoralabError
 from loralab.models import quiet_transformers
+from loralab.train.gated_mlp import use_fused_gated_mlp
 
 
 def compute_dtype(cfg, device: str) -> torch.dtype:
@@ -39,6 +40,7 @@ def load_for_method(cfg, device: str, label_map=None):
 def apply_method(model, cfg) -> None:
     from loralab.lora import LoRAConfig, default_modules_to_save, inject_lora
 
+    use_fused_gated_mlp(model)  # SwiGLU/GeGLU MLPs keep gate and up, not act(gate)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
