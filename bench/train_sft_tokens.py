@@ -15,21 +15,28 @@ values, 3 x their forward) over the fp32 matmul peak measured in the same
 process (square 1,024 products at the run's thread count). The LM head and
 loss are left out of the useful count (they run only at response positions).
 
-``--loss-ab`` measures loralab's own peak memory with the chunked, labels-only
-LM loss and with the plain full-logits loss (same run otherwise), with
-``--fill`` making every row 512 tokens long (four Alpaca answers per record).
+``--memory-ab`` measures loralab's own peak memory with its three memory levers
+added one at a time, from none (the plain full-logits LM loss, the gated MLP
+as plain ops, no huge pages) to all: the chunked, labels-only LM loss
+(train/lm_loss.py), the fused gated-MLP product (train/gated_mlp.py) and
+torch's huge-page allocation (allocator.py); with ``--fill`` every row is 512
+tokens long (eight Alpaca answers per record). Each run is its own process,
+one after another.
+
+    .venv/bin/python bench/train_sft_tokens.py --memory-ab --fill --steps 3 --records 24
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import DATASETS, dataset, load_average, machine, run_job
+from _common import DATASETS, PEER_ENV, dataset, load_average, machine, run_job
 
 ALPACA = DATASETS / "alpaca" / "alpaca_data_first2000.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -39,14 +46,14 @@ def records(n: int, fill: bool = False) -> list[dict]:
     rows = json.loads(ALPACA.read_text(encoding="utf-8"))
     if not fill:
         return rows[:n]
-    # four answers per record: every row reaches --max-length 512
+    # eight answers per record: every row reaches --max-length 512
     return [{"instruction": rows[4 * i]["instruction"], "input": "",
              "output": "\n\n".join(r["output"] for r in rows[4 * i:4 * i + 8])}
             for i in range(n)]
 
 
 def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
-                fill: bool = False) -> dict:
+                plain_mlp: bool = False, fill: bool = False) -> dict:
     from loralab.config import build_config
     from loralab.train import run_training
 
@@ -54,6 +61,10 @@ def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
         from loralab.train import lm_loss
 
         lm_loss.chunkable = lambda model: False
+    if plain_mlp:  # act(gate) * up as plain ops: autograd keeps act(gate) too
+        from loralab.train import methods
+
+        methods.use_fused_gated_mlp = lambda model: 0
 
     tmp = Path(tempfile.mkdtemp(prefix="sft-"))
     data = tmp / "train.json"
@@ -73,7 +84,8 @@ def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
             "train_seconds": m["train_seconds"], "steps": m["steps"],
             "peak_rss_bytes": m["peak_memory"]["peak_rss_bytes"],
             "body_flops_per_token": flops, "useful_gflops": useful / 1e9,
-            "matmul_peak_gflops": peak / 1e9, "flop_utilisation": useful / peak}
+            "matmul_peak_gflops": peak / 1e9, "flop_utilisation": useful / peak,
+            "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
 
 def body_flops_per_token(mean_len: float, rank: int = 8) -> float:
@@ -138,12 +150,21 @@ def trl_job(steps: int, batch: int, n: int) -> dict:
             "train_seconds": seconds, "steps": trainer.state.global_step}
 
 
-def side(kind: str, args) -> dict:
-    """One side's measurement, in its own process."""
+# --memory-ab: each lever added in turn (job flags, and whether huge pages are on)
+LEVERS = [("none", ["--plain-loss", "--plain-mlp"], False),
+          ("chunked loss", ["--plain-mlp"], False),
+          ("+ fused gated MLP", [], False),
+          ("+ huge pages", [], True),
+          ("huge pages, MLP unfused", ["--plain-mlp"], True)]  # the MLP's share with them
+
+
+def side(kind: str, args, flags: tuple = (), huge_pages: bool = True) -> dict:
+    """One side's measurement, in its own process; TRL's with torch's default
+    allocation, as its users run it."""
     cmd = [sys.executable, __file__, "--job", kind, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--records", str(args.records)]
+           "--batch", str(args.batch), "--records", str(args.records), *flags]
     cmd += ["--fill"] if args.fill else []
-    job = run_job(cmd)
+    job = run_job(cmd, env=None if huge_pages and kind == "loralab" else PEER_ENV)
     return job.last_json() if job.returncode == 0 else {"error": job.error_line()}
 
 
@@ -152,26 +173,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--records", type=int, default=200)
-    ap.add_argument("--job", choices=["loralab", "loralab-plain", "trl"])
+    ap.add_argument("--job", choices=["loralab", "trl"])
+    ap.add_argument("--plain-loss", action="store_true", help="loralab job: full logits")
+    ap.add_argument("--plain-mlp", action="store_true", help="loralab job: unfused MLP")
     ap.add_argument("--fill", action="store_true", help="every row 512 tokens long")
-    ap.add_argument("--loss-ab", action="store_true",
-                    help="loralab with the chunked vs the plain LM loss (peak memory)")
+    ap.add_argument("--memory-ab", action="store_true",
+                    help="loralab's peak memory with its memory levers added one by one")
     args = ap.parse_args()
     if args.job:
         if args.job == "trl":
             print(json.dumps(trl_job(args.steps, args.batch, args.records)))
         else:
             print(json.dumps(loralab_job(args.steps, args.batch, args.records,
-                                         plain_loss=args.job == "loralab-plain",
-                                         fill=args.fill)))
+                                         plain_loss=args.plain_loss,
+                                         plain_mlp=args.plain_mlp, fill=args.fill)))
         return
     dataset("alpaca", ALPACA.name)
-    if args.loss_ab:
-        plain, chunked = side("loralab-plain", args), side("loralab", args)
-        report = {"date": time.strftime("%Y-%m-%d"), "plain": plain, "chunked": chunked,
+    if args.memory_ab:
+        runs = {name: side("loralab", args, flags, thp) for name, flags, thp in LEVERS}
+        report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                  "load_average_after": load_average(), "runs": runs,
                   "command": " ".join([Path(sys.executable).name] + sys.argv)}
-        if "peak_rss_bytes" in plain and "peak_rss_bytes" in chunked:
-            report["peak_ratio"] = chunked["peak_rss_bytes"] / plain["peak_rss_bytes"]
+        base = runs["none"].get("peak_rss_bytes")
+        report["peak_ratios"] = {name: r["peak_rss_bytes"] / base for name, r in runs.items()
+                                 if base and "peak_rss_bytes" in r}
         print(json.dumps(report, indent=2))
         return
     ours = side("loralab", args)

@@ -71,7 +71,7 @@ def test_freed_heap_is_kept_unless_the_user_tuned_malloc(monkeypatch):
     import platform
     import sys
 
-    from loralab.train.memory import keep_freed_heap
+    from loralab.allocator import keep_freed_heap
 
     for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
@@ -79,3 +79,28 @@ def test_freed_heap_is_kept_unless_the_user_tuned_malloc(monkeypatch):
     assert keep_freed_heap() is glibc
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert keep_freed_heap() is False
+
+
+def test_huge_pages_are_asked_for_before_torch_loads():
+    """Importing loralab first sets torch's THP switch (where the kernel has
+    transparent huge pages); never over the user's value, never once torch is in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    available = (sys.platform == "linux" and mode.exists()
+                 and "[never]" not in mode.read_text())
+
+    def value(code: str, **env) -> str:
+        import os
+
+        clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        out = subprocess.run([sys.executable, "-c", code + "; import os; "
+                              "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
+                             env={**clean, **env}, capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert value("import loralab") == ("1" if available else "None")
+    assert value("import loralab", THP_MEM_ALLOC_ENABLE="0") == "0"
+    assert value("import torch, loralab") == "None"

@@ -37,7 +37,7 @@ CPU_PROCESS_BYTES = 470 * 10**6
 CPU_CLASSIFY_EXTRA = 120 * 10**6  # scikit-learn, loaded for the classification metrics
 CPU_QLORA_EXTRA = 40 * 10**6  # bitsandbytes' CPU library
 # The estimate is live memory. `loralab train` on CPU lets glibc keep freed
-# blocks for reuse (train/memory.py keep_freed_heap), so the peak RSS it then
+# blocks for reuse (allocator.py keep_freed_heap), so the peak RSS it then
 # measures has been this many times the estimate: 0.98-1.05 for minilm,
 # 1.11-1.27 for smollm2-135m, 1.19-1.28 for a Qwen3-0.6B-shaped model, full /
 # LoRA / QLoRA; with a fixed malloc threshold 0.97-1.04 (BENCHMARKS.md,

@@ -10,9 +10,6 @@ bytes plus their quantization constants), gradients and optimizer state.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
 import resource
 import sys
 
@@ -30,37 +27,6 @@ def reset_peak(device: str) -> bool:
         return True
     except OSError:
         return False
-
-
-# mallopt(3) parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def keep_freed_heap() -> bool:
-    """Let glibc's malloc keep freed memory for reuse during CPU training.
-
-    A training step allocates and frees the same few hundred tensors every
-    micro-batch. With glibc's defaults, blocks from about 128 KiB up are mapped
-    fresh and handed back to the kernel when freed, and heap tops beyond a few
-    MiB are trimmed, so the next micro-batch faults the same pages in and has
-    the kernel zero them again (the cost: BENCHMARKS.md, "CPU training
-    changes: what each saved"). Blocks up to 32 MiB now come from the
-    heap, and freed heap is trimmed only beyond 1 GiB; the peak RSS is barely
-    higher (freed blocks are reused, not added). Left alone when the user set
-    malloc's own environment variables or the C library is not glibc. Returns
-    True when applied.
-    """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if any(name in os.environ for name in _MALLOC_ENV):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
-    return mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
 
 
 def _status_bytes(key: str) -> int | None:

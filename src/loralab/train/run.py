@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loralab.allocator import keep_freed_heap
 from loralab.config import TrainConfig, config_from_dict
 from loralab.data.dataset import encode_splits, prepare_data, resolve_data_path
 from loralab.data.encode import Encoded, encode_text_blocks
@@ -29,7 +30,6 @@ from loralab.train.first_token import use_first_token_only
 from loralab.train.loop import Loop, check_budget, device_multiple
 from loralab.train.memory import (
     current_rss,
-    keep_freed_heap,
     mapped_checkpoint_rss,
     peak_process_memory,
     reset_peak,
