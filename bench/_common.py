@@ -21,12 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT / ".." / "shared" / "datasets"
 
 
-# A peer's process gets torch's default CPU allocation, as its users run it:
-# importing loralab (machine(), the loralab jobs) turns torch's huge pages on
-# for this process's children (loralab/allocator.py).
-PEER_ENV = {"THP_MEM_ALLOC_ENABLE": "0"}
-
-
 def dataset(*parts: str) -> Path:
     """A path under ``../shared/datasets``; exits with one line when it is absent."""
     path = DATASETS.joinpath(*parts)

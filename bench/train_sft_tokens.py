@@ -36,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DATASETS, PEER_ENV, dataset, load_average, machine, run_job
+from _common import DATASETS, dataset, load_average, machine, run_job
+
+NO_HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}  # torch's default allocation
 
 ALPACA = DATASETS / "alpaca" / "alpaca_data_first2000.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -159,12 +161,11 @@ LEVERS = [("none", ["--plain-loss", "--plain-mlp"], False),
 
 
 def side(kind: str, args, flags: tuple = (), huge_pages: bool = True) -> dict:
-    """One side's measurement, in its own process; TRL's with torch's default
-    allocation, as its users run it."""
+    """One side's measurement, in its own process."""
     cmd = [sys.executable, __file__, "--job", kind, "--steps", str(args.steps),
            "--batch", str(args.batch), "--records", str(args.records), *flags]
     cmd += ["--fill"] if args.fill else []
-    job = run_job(cmd, env=None if huge_pages and kind == "loralab" else PEER_ENV)
+    job = run_job(cmd, env=None if huge_pages else NO_HUGE_PAGES)
     return job.last_json() if job.returncode == 0 else {"error": job.error_line()}
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DATASETS, PEER_ENV, dataset, load_average, machine, run_job
+from _common import DATASETS, dataset, load_average, machine, run_job
 
 DATA = DATASETS / "sms_spam" / "bench"
 LR = {"lora": 3e-4, "full": 3e-5}
@@ -127,7 +127,7 @@ def side(kind: str, method: str, epochs: float, seed: int, batch: int, accum: in
     cmd = [sys.executable, __file__, "--job", kind, "--methods", method, "--epochs", str(epochs),
            "--seed", str(seed), "--batch", str(batch), "--accum", str(accum)]
     load_before = load_average()
-    job = run_job(cmd, env=PEER_ENV if kind == "recipe" else None).check()
+    job = run_job(cmd).check()
     result = job.last_json()
     result["process_seconds"] = job.seconds
     # the machine is shared: the 1-minute load average shows how busy it was

@@ -81,9 +81,11 @@ def test_freed_heap_is_kept_unless_the_user_tuned_malloc(monkeypatch):
     assert keep_freed_heap() is False
 
 
-def test_huge_pages_are_asked_for_before_torch_loads():
-    """Importing loralab first sets torch's THP switch (where the kernel has
-    transparent huge pages); never over the user's value, never once torch is in."""
+def test_huge_pages_only_for_large_micro_batches():
+    """torch's THP switch is set for micro-batches whose hidden states hold 1M
+    elements or more (where the kernel has transparent huge pages), never over
+    the user's value; torch, read at its first allocation, then aligns a 4 MiB
+    block to a page."""
     import subprocess
     import sys
     from pathlib import Path
@@ -92,15 +94,21 @@ def test_huge_pages_are_asked_for_before_torch_loads():
     available = (sys.platform == "linux" and mode.exists()
                  and "[never]" not in mode.read_text())
 
-    def value(code: str, **env) -> str:
+    def run(tokens: int, hidden: int, **env) -> list[str]:
         import os
 
+        code = ("import os, torch; from loralab.allocator import prefer_huge_pages; "
+                f"print(prefer_huge_pages({tokens}, {hidden})); "
+                "print(os.environ.get('THP_MEM_ALLOC_ENABLE')); "
+                "print(torch.empty(1 << 20).data_ptr() % 4096 == 0)")
         clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-        out = subprocess.run([sys.executable, "-c", code + "; import os; "
-                              "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
-                             env={**clean, **env}, capture_output=True, text=True, check=True)
-        return out.stdout.split()[-1]
+        out = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()
 
-    assert value("import loralab") == ("1" if available else "None")
-    assert value("import loralab", THP_MEM_ALLOC_ENABLE="0") == "0"
-    assert value("import torch, loralab") == "None"
+    if available:
+        assert run(2048, 576) == ["True", "1", "True"]  # smollm2-135m sft, 4 x 512
+    else:
+        assert run(2048, 576)[:2] == ["False", "None"]
+    assert run(512, 384)[:2] == ["False", "None"]  # minilm, 4 x 128
+    assert run(2048, 576, THP_MEM_ALLOC_ENABLE="0")[:2] == ["False", "0"]

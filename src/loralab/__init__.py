@@ -2,7 +2,3 @@
 and measure, side by side, what each costs and buys."""
 
 __version__ = "0.1.0"
-
-from loralab.allocator import prefer_huge_pages
-
-prefer_huge_pages()  # before torch's first allocation

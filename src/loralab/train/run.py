@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from loralab.allocator import keep_freed_heap
+from loralab.allocator import keep_freed_heap, prefer_huge_pages
 from loralab.config import TrainConfig, config_from_dict
 from loralab.data.dataset import encode_splits, prepare_data, resolve_data_path
 from loralab.data.encode import Encoded, encode_text_blocks
@@ -144,12 +144,28 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         return _run(cfg, resume, stop)
 
 
+def _hidden_size(model: str) -> int | None:
+    """The model's hidden size from its config.json alone; None where it cannot
+    be read (loading the model reports why)."""
+    from loralab.models import load_config
+
+    try:
+        config = load_config(model)
+    except (LoralabError, OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "hidden_size", None)
+
+
 def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
     from accelerate.utils import set_seed
 
     if resume is not None:
         cfg = _resume_config(Path(resume), cfg.quiet)
     cfg.resolve()
+    # before torch's first CPU allocation, which fixes its choice
+    prefer_huge_pages(cfg.micro_batch_tokens or cfg.batch_size * cfg.max_length,
+                      _hidden_size(cfg.model))
     acc = make_accelerator(cfg)  # first: from here on a failing rank can tell the others
     backend_notes = distributed.adapt_to_backend(cfg, acc)
     prep = prepare_data(cfg)
