@@ -332,6 +332,10 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
                                                                s.optimizer_bytes)
     if results.get("baseline_rss") is not None:  # CPU: measured parts of what is not tensors
         peak["process_baseline_bytes"] = results["baseline_rss"]
+        # VmHWM is the RSS the kernel last folded into its high-water mark (it does
+        # so at unmaps, not continuously): it can read a few pages under an RSS
+        # measured since the reset
+        peak["peak_rss_bytes"] = max(peak["peak_rss_bytes"], results["baseline_rss"])
         peak["mapped_checkpoint_bytes"] = results.get("mapped_rss") or 0
     lora = cfg.method in ("lora", "qlora")
     step_seconds = max(s.train_seconds - s.eval_seconds, 1e-9)
