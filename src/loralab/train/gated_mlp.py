@@ -122,10 +122,10 @@ def use_fused_gated_mlp(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         forward = getattr(type(module), "forward", None)
-        if forward is None or hasattr(module, "_loralab_act"):
+        if not hasattr(forward, "__code__") or hasattr(module, "_loralab_act"):
             continue
         for reference, style, act_name in _references():
-            if not hasattr(forward, "__code__") or not _same_code(forward, reference):
+            if not _same_code(forward, reference):
                 continue
             act = activation_kind(getattr(module, act_name, None))
             if act is not None:

@@ -150,11 +150,9 @@ def _hidden_size(model: str) -> int | None:
     from loralab.models import load_config
 
     try:
-        config = load_config(model)
+        return getattr(load_config(model), "hidden_size", None)
     except (LoralabError, OSError, ValueError):
         return None
-    config = getattr(config, "text_config", None) or config
-    return getattr(config, "hidden_size", None)
 
 
 def _run(cfg: TrainConfig, resume: str | Path | None, stop) -> Path:
