@@ -23,6 +23,21 @@ def test_keep_rate_matches_p_at_every_chunk_position():
         assert abs(both - (1 - p) ** 2) < 0.01
 
 
+def test_mask_is_the_compare_of_the_chunks_with_the_threshold():
+    # the mask is chunk >= threshold at every p, one that rounds to a drop of
+    # all too (its threshold, 2^15, does not fit the int16 chunks)
+    n = 10_001
+    for p in (1e-6, 0.001, 0.1, 0.3, 0.5, 0.9, 0.99, 1 - 1e-6):
+        torch.manual_seed(5)
+        keep = keep_mask(n, p)
+        torch.manual_seed(5)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().bitwise_left_shift_(1)
+        threshold = 2 * round(p * 2**15) - 2**15
+        expected = (bits.view(torch.int16).to(torch.int32) >= threshold)[:n]
+        assert keep.dtype == torch.bool and torch.equal(keep, expected), p
+    assert keep_mask(n, 1 - 1e-6).sum() == 0 and keep_mask(n, 1e-6).all()
+
+
 def test_kept_values_are_scaled_and_gradient_uses_the_same_mask():
     torch.manual_seed(1)
     x = torch.randn(64, 300, requires_grad=True)

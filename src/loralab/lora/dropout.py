@@ -25,10 +25,14 @@ _RESOLUTION = 1 << 15  # each 16-bit chunk carries 15 random bits
 def keep_mask(numel: int, p: float) -> torch.Tensor:
     """A flat bool tensor of ``numel`` elements, each True with probability ~1 - p."""
     words = (numel + 3) // 4
-    # random_() on int64 fills bits 0..62; shifting left by one leaves 15 random
-    # bits above a zero bit in each of the four 16-bit chunks.
+    # random_() on int64 fills bits 0..62; shifted left by one, the zero bit
+    # moves to bit 0: the lowest 16-bit chunk holds 15 random bits above it, the
+    # other three 16 random bits. Against an even threshold every chunk is kept
+    # with the same probability.
     bits = torch.empty(words, dtype=torch.int64).random_().bitwise_left_shift_(1)
     threshold = 2 * round(p * _RESOLUTION) - (1 << 15)  # even: P(chunk >= t) = 1 - p
+    if threshold > torch.iinfo(torch.int16).max:  # p rounds to 1: the int16 compare would wrap
+        return torch.zeros(numel, dtype=torch.bool)
     return (bits.view(torch.int16) >= threshold)[:numel]
 
 
@@ -40,12 +44,22 @@ def keep_mask_like(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.rand(x.shape, device=x.device) >= p
 
 
+def as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``keep`` (bool) as 0/1 values of ``dtype``, to multiply by.
+
+    A bool operand costs torch's CPU kernels a slow cast: ``keep.to(float)`` and
+    the cast hidden inside ``x * keep`` run several times slower than the same
+    cast from the mask's bytes read as ``uint8`` (BENCHMARKS.md, "LoRA's step
+    against full"). The values, and so every product, are the same."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0:
         return x
     if x.device.type != "cpu" or not x.is_floating_point() or p >= 1:
         return F.dropout(x, p, training)
-    scale = keep_mask_like(x, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    scale = as_float(keep_mask_like(x, p), x.dtype).mul_(1.0 / (1.0 - p))
     return x * scale  # autograd keeps ``scale`` for the backward pass
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from loralab.errors import LoralabError
 from loralab.lora.base import base_shape, is_4bit, is_conv1d
-from loralab.lora.dropout import Dropout, keep_mask_like
+from loralab.lora.dropout import Dropout, as_float, keep_mask_like
 from loralab.lora.quant import dequantize_linear, dequantize_weight
 from loralab.lora.variants import dora_merged, dora_weight_norm, is_mutated_init, mutated_factors
 
@@ -50,17 +50,18 @@ class LoRABranch(torch.autograd.Function):
     value would keep its own. This keeps ``x`` itself (one tensor, shared by every
     adapter reading it), the bool keep-mask (1 byte per element, none without
     dropout) and the (N, r) ``h``; the backward recomputes ``x ⊙ keep``, one
-    elementwise pass. The forward also makes one pass over ``x`` where the
-    dropout module made three (mask to float, scale, multiply): the 1/(1-p)
-    is folded into the scaling. Same expectation as the module path, and on
-    CPU the same mask draws as :class:`~loralab.lora.dropout.Dropout`.
+    elementwise pass. The forward skips the dropout module's scaling pass over
+    ``x``: the 1/(1-p) is folded into the scaling. The mask is multiplied as
+    floats cast from its bytes (:func:`~loralab.lora.dropout.as_float`), never as
+    bool. Same expectation as the module path, and on CPU the same mask draws
+    as :class:`~loralab.lora.dropout.Dropout`.
     """
 
     @staticmethod
     def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float):
         # result: (N, out), x: (N, in), weight_a: (r, in), weight_b: (out, r)
         keep = keep_mask_like(x, p) if p > 0 else None  # (N, in) bool
-        h = torch.mm(x if keep is None else x * keep, weight_a.t())  # (N, r)
+        h = torch.mm(x if keep is None else x * as_float(keep, x.dtype), weight_a.t())  # (N, r)
         s = scaling / (1.0 - p)
         ctx.save_for_backward(x, keep, h, weight_a, weight_b)
         ctx.s = s
@@ -73,14 +74,15 @@ class LoRABranch(torch.autograd.Function):
         need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         g_h = torch.mm(grad, weight_b).mul_(s)  # (N, r)
         grad_x = grad_a = grad_b = None
+        mask = None if keep is None or not (need_a or need_x) else as_float(keep, x.dtype)
         if need_b:
             grad_b = torch.mm(grad.t(), h).mul_(s)  # (out, r)
         if need_a:
-            grad_a = torch.mm(g_h.t(), x if keep is None else x * keep)  # (r, in)
+            grad_a = torch.mm(g_h.t(), x if mask is None else x * mask)  # (r, in)
         if need_x:
             grad_x = torch.mm(g_h, weight_a)  # (N, in)
-            if keep is not None:
-                grad_x.mul_(keep)
+            if mask is not None:
+                grad_x.mul_(mask)
         return grad if need_result else None, grad_x, grad_a, grad_b, None, None
 
 
