@@ -102,19 +102,20 @@ def profile(method: str, pad: bool, steps: int, dropout: float = 0.1,
             "share": {k: round(100 * v / total, 1) for k, v in sorted(shares.items())}}
 
 
-def profile_loralab(method: str, steps: int, top: int = 12) -> dict:
-    """loralab's own step (its model, packing, dropout, loss, optimizer) profiled."""
+def profile_train_steps(options: dict, steps: int, shapes: bool = False):
+    """``loralab train`` with ``options`` for ``steps + 1`` optimizer steps, the
+    last ``steps`` of them under torch.profiler (the first is a warm-up).
+    Returns the profiler and the wall seconds of the profiled steps."""
     import tempfile
     from pathlib import Path
 
-    from lora_vs_full_step import LR, SETTINGS
     from torch.profiler import ProfilerActivity, profile
 
     from loralab.config import build_config
     from loralab.train import loop as loop_mod
     from loralab.train import run_training
 
-    prof = profile(activities=[ProfilerActivity.CPU])
+    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=shapes)
     seen, timed = {"n": 0}, {"t": 0.0}
     original = loop_mod.Loop.train_step
 
@@ -133,18 +134,26 @@ def profile_loralab(method: str, steps: int, top: int = 12) -> dict:
     loop_mod.Loop.train_step = step
     try:
         out = Path(tempfile.mkdtemp(prefix="loralab-prof-")) / "run"
-        options = {**SETTINGS["recipe"], "method": method, "max_steps": steps + 1,
-                   "lr": LR["recipe"][method], "quiet": True, "keep_best": False,
-                   "save_checkpoints": False, "output": str(out)}
-        run_training(build_config(None, None, options))
+        run_training(build_config(None, None, {
+            **options, "max_steps": steps + 1, "quiet": True, "save_checkpoints": False,
+            "output": str(out)}))
     finally:
         loop_mod.Loop.train_step = original
+    return prof, timed["t"]
+
+
+def profile_loralab(method: str, steps: int, top: int = 12) -> dict:
+    """loralab's own step (its model, packing, dropout, loss, optimizer) profiled."""
+    from lora_vs_full_step import LR, SETTINGS
+
+    prof, seconds = profile_train_steps({**SETTINGS["recipe"], "method": method,
+                                         "lr": LR["recipe"][method], "keep_best": False}, steps)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     shares: dict[str, float] = {}
     for ev in events:
         shares[kind_of(ev.key)] = shares.get(kind_of(ev.key), 0.0) + ev.self_cpu_time_total
-    return {"engine": "loralab", "method": method, "ms_per_step": round(1000 * timed["t"] / steps, 1),
+    return {"engine": "loralab", "method": method, "ms_per_step": round(1000 * seconds / steps, 1),
             "share": {k: round(100 * v / total, 1) for k, v in sorted(shares.items())},
             "top": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
                      "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1)}

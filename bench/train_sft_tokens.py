@@ -15,6 +15,14 @@ values, 3 x their forward) over the fp32 matmul peak measured in the same
 process (square 1,024 products at the run's thread count). The LM head and
 loss are left out of the useful count (they run only at response positions).
 
+``--profile`` shows where the rest goes: loralab's step under torch.profiler
+(after one warm-up step), its operators' self time by kind, the FLOP rate of
+the body's and the LM head's matmuls against the same peak, and the wall time
+between operators (Python, autograd, the loop). The profiler's cost per call
+inflates the small operators, so the shares, not the totals, are the figures.
+
+    .venv/bin/python bench/train_sft_tokens.py --profile --steps 4
+
 ``--memory-ab`` measures loralab's own peak memory with its three memory levers
 added one at a time, from none (the plain full-logits LM loss, the gated MLP
 as plain ops, no huge pages) to all: the chunked, labels-only LM loss
@@ -54,6 +62,16 @@ def records(n: int, fill: bool = False) -> list[dict]:
             for i in range(n)]
 
 
+def sft_options(tmp: Path, batch: int, n: int, fill: bool = False) -> dict:
+    """The benchmark's ``loralab train`` settings, the first ``n`` records written
+    under ``tmp``."""
+    data = tmp / "train.json"
+    data.write_text(json.dumps(records(n, fill)))
+    return {"model": "smollm2-135m", "data": str(data), "task": "sft", "method": "lora",
+            "rank": 8, "alpha": 16, "targets": ",".join(TARGETS), "batch_size": batch,
+            "max_length": 512, "lr": 2e-4, "eval_split": 0.0, "test_split": 0.0}
+
+
 def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
                 plain_mlp: bool = False, fill: bool = False) -> dict:
     from loralab.config import build_config
@@ -69,14 +87,9 @@ def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
         methods.use_fused_gated_mlp = lambda model: 0
 
     tmp = Path(tempfile.mkdtemp(prefix="sft-"))
-    data = tmp / "train.json"
-    data.write_text(json.dumps(records(n, fill)))
-    cfg = build_config(None, None, {
-        "model": "smollm2-135m", "data": str(data), "task": "sft", "method": "lora",
-        "rank": 8, "alpha": 16, "targets": ",".join(TARGETS), "batch_size": batch,
-        "max_steps": steps, "max_length": 512, "lr": 2e-4, "eval_split": 0.0,
-        "test_split": 0.0, "save_checkpoints": False, "quiet": True,
-        "output": str(tmp / "run")})
+    cfg = build_config(None, None, {**sft_options(tmp, batch, n, fill), "max_steps": steps,
+                                    "save_checkpoints": False, "quiet": True,
+                                    "output": str(tmp / "run")})
     run_dir = run_training(cfg)
     m = json.loads((run_dir / "metrics.json").read_text())
     flops = body_flops_per_token(m["train_tokens"] / max(1, m["steps"] * batch))
@@ -88,6 +101,68 @@ def loralab_job(steps: int, batch: int, n: int, plain_loss: bool = False,
             "body_flops_per_token": flops, "useful_gflops": useful / 1e9,
             "matmul_peak_gflops": peak / 1e9, "flop_utilisation": useful / peak,
             "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
+
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+SFT_KINDS = {  # operator name fragments -> kind, after the matmuls
+    "attention": ("scaled_dot_product", "flash_attention", "aten::_softmax", "aten::softmax"),
+    "loss": ("log_softmax", "cross_entropy", "nll_loss", "logsumexp"),
+    "optimizer": ("adam", "foreach"),
+    "dropout masks": ("random_", "bernoulli"),
+    "copies and casts": ("copy_", "clone", "aten::cat", "_to_copy"),
+}
+
+
+def sft_kind(name: str, shapes: list, vocab: int) -> str:
+    if name in MATMULS:
+        return "matmul: LM head" if any(vocab in s for s in shapes if s) else "matmul: body"
+    for kind, keys in SFT_KINDS.items():
+        if any(k in name for k in keys):
+            return kind
+    return "other (norms, activations, adds, embedding, ...)"
+
+
+def matmul_flops(name: str, shapes: list) -> int:
+    """2 x the multiply-adds of one mm / addmm / bmm / baddbmm call, from its input shapes."""
+    a, b = (shapes[0], shapes[1]) if name in ("aten::mm", "aten::bmm") else (shapes[1], shapes[2])
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def profile_job(steps: int, batch: int, n: int, top: int = 25) -> dict:
+    """Where loralab's sft LoRA step goes: its operators' self time under
+    torch.profiler, by kind, the matmuls' FLOP rates against the square-matmul
+    peak, and the wall time between operators (Python, autograd, the loop)."""
+    from train_profile import profile_train_steps
+    from transformers import AutoConfig
+
+    from loralab.models import resolve_model
+
+    vocab = AutoConfig.from_pretrained(resolve_model("smollm2-135m")).vocab_size
+    options = sft_options(Path(tempfile.mkdtemp(prefix="sft-")), batch, n)
+    prof, seconds = profile_train_steps(options, steps, shapes=True)
+    us: dict[str, float] = {}
+    flops: dict[str, float] = {}
+    events = sorted(prof.key_averages(group_by_input_shape=True),
+                    key=lambda e: -e.self_cpu_time_total)
+    for ev in events:
+        kind = sft_kind(ev.key, ev.input_shapes, vocab)
+        us[kind] = us.get(kind, 0.0) + ev.self_cpu_time_total
+        if ev.key in MATMULS:
+            flops[kind] = flops.get(kind, 0.0) + ev.count * matmul_flops(ev.key, ev.input_shapes)
+    ops_ms = sum(us.values()) / 1000 / steps
+    wall_ms = 1000 * seconds / steps
+    return {"steps_profiled": steps, "wall_ms_per_step": round(wall_ms, 1),
+            "operators_ms_per_step": round(ops_ms, 1),
+            "between_operators_ms_per_step": round(wall_ms - ops_ms, 1),
+            "ms_per_step": {k: round(v / 1000 / steps, 1)
+                            for k, v in sorted(us.items(), key=lambda kv: -kv[1])},
+            "matmul_gflops": {k: round(f / (us[k] / 1e6) / 1e9, 1) for k, f in flops.items()},
+            "matmul_peak_gflops": round(matmul_peak() / 1e9, 1),
+            "top": [{"op": e.key, "shapes": [s for s in e.input_shapes if s][:3],
+                     "calls_per_step": round(e.count / steps, 1),
+                     "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1)}
+                    for e in events[:top]]}
 
 
 def body_flops_per_token(mean_len: float, rank: int = 8) -> float:
@@ -178,6 +253,8 @@ def main() -> None:
     ap.add_argument("--plain-loss", action="store_true", help="loralab job: full logits")
     ap.add_argument("--plain-mlp", action="store_true", help="loralab job: unfused MLP")
     ap.add_argument("--fill", action="store_true", help="every row 512 tokens long")
+    ap.add_argument("--profile", action="store_true",
+                    help="where loralab's step goes, under torch.profiler (no TRL run)")
     ap.add_argument("--memory-ab", action="store_true",
                     help="loralab's peak memory with its memory levers added one by one")
     args = ap.parse_args()
@@ -190,6 +267,11 @@ def main() -> None:
                                          plain_mlp=args.plain_mlp, fill=args.fill)))
         return
     dataset("alpaca", ALPACA.name)
+    if args.profile:
+        print(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                          "load_average_before": load_average(),
+                          **profile_job(args.steps, args.batch, args.records)}, indent=2))
+        return
     if args.memory_ab:
         runs = {name: side("loralab", args, flags, thp) for name, flags, thp in LEVERS}
         report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),

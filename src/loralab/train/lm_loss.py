@@ -4,10 +4,15 @@ The plain path runs the output head over every position, keeps the (B, T, V)
 logits, copies them to fp32 and then ignores the prompt positions. Here the
 decoder's last hidden states are gathered at the positions whose next token is
 a label (response tokens for sft, every token for lm), and the head plus the
-cross-entropy run over chunks of those rows under activation checkpointing:
-each chunk's logits exist only while it is computed, in the forward and again
-in the backward, so the full logits never do (the idea of Liger's fused linear
-cross-entropy and of Apple's Cut Cross-Entropy, Wijmans et al., 2024).
+cross-entropy run over chunks of those rows: each chunk's logits exist only
+while it is computed, so the full logits never do (the idea of Liger's fused
+linear cross-entropy and of Apple's Cut Cross-Entropy, Wijmans et al., 2024).
+Where the head's trainable weights are small (a frozen head, or LoRA on it),
+each chunk's gradients are taken right there in the forward, as Liger does,
+and the backward only scales them: one head matmul and one log-softmax per
+chunk fewer than recomputing the chunk in the backward. A trainable full head
+(full fine-tuning) and fp16 (a loss scaler's small gradients) keep the chunks
+under activation checkpointing, recomputed in the backward.
 
 The head is called as the module it is, so LoRA on ``lm_head``, tied
 embeddings, full fine-tuning and 4-bit bases need nothing special. Models
@@ -34,6 +39,11 @@ PLAIN_HEAD_TYPES = frozenset({
 # Logit elements per chunk: 2^25 fp32 values = 128 MiB, e.g. 682 rows of
 # SmolLM2's 49,152-token vocabulary.
 CHUNK_ELEMENTS = 2**25
+# The head's trainable elements up to which its gradients are taken in the
+# forward and held until the backward: 2^22 (16 MiB in fp32), an eighth of a
+# chunk's logits. SmolLM2's head with a rank-8 adapter holds 0.4M; a whole
+# trainable head, 28M, takes the checkpointed path.
+GRADS_IN_FORWARD_ELEMENTS = 2**22
 
 
 def chunkable(model) -> bool:
@@ -95,6 +105,65 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head, softcap) -> t
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _same(t):
+    return t
+
+
+class _GradsInForward(torch.autograd.Function):
+    """The summed chunk losses of ``rows`` (N, H), with each chunk's gradients
+    for ``rows`` and for the head's trainable ``params`` taken in the forward
+    (the weights' summed over the chunks) and scaled by the incoming gradient
+    in the backward. The loss is linear in its upstream gradient, so
+    this is the same gradient as autograd's through each chunk."""
+
+    @staticmethod
+    def forward(ctx, rows, targets, head, softcap, chunk: int, *params):
+        need_rows, need = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+        wanted = [p for p, n in zip(params, need) if n]
+        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        sums: list[torch.Tensor | None] = [None] * len(wanted)
+        # the chunks' own graphs live only inside this loop: hooks on what the
+        # outer graph saves (offloading, memory accounting) must not see them
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            for start in range(0, rows.shape[0], chunk):
+                part = rows[start:start + chunk].detach().requires_grad_(need_rows)
+                loss = _chunk_loss(part, targets[start:start + chunk], head, softcap)
+                found = torch.autograd.grad(loss, ([part] if need_rows else []) + wanted,
+                                            allow_unused=True) if need_rows or wanted else ()
+                if need_rows:
+                    grad_rows[start:start + chunk] = found[0]
+                    found = found[1:]
+                for i, g in enumerate(found):
+                    if g is not None:
+                        sums[i] = g if sums[i] is None else sums[i].add_(g)
+                total += loss.detach()
+        grads = iter(sums)
+        ctx.param_grads = [next(grads) if n else None for n in need]
+        ctx.save_for_backward(grad_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad_rows,) = ctx.saved_tensors  # scaled in place: a second backward would fail
+        scaled = [None if p is None else p * g for p in ctx.param_grads]
+        return (None if grad_rows is None else grad_rows.mul_(g), None, None, None, None,
+                *scaled)
+
+
+def grads_in_forward(rows: torch.Tensor, head) -> bool:
+    """True where the chunks' gradients may be taken in the forward: grads on,
+    the head's trainable weights small, and no fp16 (whose loss scaling
+    would come only after these unscaled gradients had rounded)."""
+    device = rows.device.type
+    if not torch.is_grad_enabled() or rows.dtype == torch.float16 or (
+            torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.float16):
+        return False
+    held = sum(p.numel() for p in head.parameters() if p.requires_grad)
+    return held <= GRADS_IN_FORWARD_ELEMENTS
+
+
 def label_positions(hidden: torch.Tensor, labels: torch.Tensor):
     """``(rows, targets)``: the hidden states (N, H) of the positions whose next
     token is a label, and those tokens (N,). Position t predicts token t+1."""
@@ -106,10 +175,15 @@ def label_positions(hidden: torch.Tensor, labels: torch.Tensor):
 def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, softcap=None,
                      chunk_rows: int | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions of
-    ``hidden`` (B, T, H), the head run chunk by chunk and recomputed in backward."""
+    ``hidden`` (B, T, H), the head run chunk by chunk: the gradients taken in
+    the forward where :func:`grads_in_forward` allows, else each chunk
+    recomputed in the backward."""
     rows, targets = label_positions(hidden, labels)
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     chunk = chunk_rows or max(1, CHUNK_ELEMENTS // int(vocab))
+    if grads_in_forward(rows, head):
+        params = [p for p in head.parameters() if p.requires_grad]
+        return _GradsInForward.apply(rows, targets, head, softcap, chunk, *params)
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, rows.shape[0], chunk):
         part = slice(start, start + chunk)
