@@ -32,13 +32,13 @@ class LossTerm:
     labels. Chunked path (``lm_loss.chunked_loss_sum``): the gradient of the
     gathered hidden rows of the N labelled positions (the rows and the targets
     are saved tensors, on the tape), and one chunk of at most
-    ``CHUNK_ELEMENTS`` logits at a time: its fp32 log-softmax, their gradient
-    and the logits' gradient (and the soft-cap's tanh output where there is
-    one), in the forward where the chunks' gradients are taken there
-    (``lm_loss.grads_in_forward``: a head whose trainable weights are small),
-    else in the backward's recompute, where each chunk's checkpoint also keeps
+    ``CHUNK_ELEMENTS`` logits at a time: where the chunks' gradients are taken
+    in the forward (``lm_loss.grads_in_forward``: a head whose trainable
+    weights are small), its fp32 logits and the log-softmax turned in place
+    into their gradient; else, in the backward's recompute, the log-softmax,
+    their gradient and the logits' gradient, and each chunk's checkpoint keeps
     the CPU RNG state (``preserve_rng_state``, ~5 KB, host memory: counted on
-    CPU). The head's weight gradients held from the forward (at most
+    CPU). The soft-cap's tanh output adds one copy where there is one. The head's weight gradients held from the forward (at most
     ``GRADS_IN_FORWARD_ELEMENTS``) are left out, as the gradients are."""
 
     per_token: float = 0.0  # plain path: bytes per token
@@ -90,11 +90,11 @@ def loss_term(arch: Arch, regime: Regime, rg: bool) -> LossTerm:
 
     from loralab.train import lm_loss
 
-    copies = 3 + (1 if arch.final_softcap else 0)
     head = arch.names["head"]
     held = (arch.vocab * arch.hidden if regime.trainable(head)
             else regime.rank * (arch.hidden + arch.vocab) if regime.lora(head) else 0)
     in_forward = held <= lm_loss.GRADS_IN_FORWARD_ELEMENTS  # no checkpoints, no RNG states
+    copies = (2 if in_forward else 3) + (1 if arch.final_softcap else 0)
     return LossTerm(per_row=arch.hidden * regime.act_bytes,
                     chunk_rows=max(1, lm_loss.CHUNK_ELEMENTS // arch.vocab),
                     per_chunk_row=copies * FP32 * arch.vocab,

@@ -105,6 +105,24 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head, softcap) -> t
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap=None):
+    """The summed cross-entropy of ``logits`` (n, V), soft-capped first where
+    ``softcap`` is set, and its gradient for ``logits``: softmax minus the
+    one-hot targets (times the cap's derivative, 1 - tanh^2), from one
+    log-softmax and in place. Autograd's way writes a zeroed (n, V) gradient
+    for the NLL and reads two (n, V) tensors more in the log-softmax's
+    backward: 10-12 % of a chunk's forward and gradient for SmolLM2's head,
+    and one chunk-sized copy more live (BENCHMARKS.md)."""
+    capped = (logits / softcap).tanh_().mul_(softcap) if softcap else logits
+    logp = torch.log_softmax(capped, -1)
+    loss = -logp.gather(1, targets[:, None]).sum()
+    grad = logp.exp_()
+    grad[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
+    if softcap:  # d(c tanh(z / c)) / dz = 1 - tanh(z / c)^2
+        grad.mul_(capped.div_(softcap).square_().neg_().add_(1))
+    return loss, grad
+
+
 def _same(t):
     return t
 
@@ -128,16 +146,20 @@ class _GradsInForward(torch.autograd.Function):
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             for start in range(0, rows.shape[0], chunk):
                 part = rows[start:start + chunk].detach().requires_grad_(need_rows)
-                loss = _chunk_loss(part, targets[start:start + chunk], head, softcap)
-                found = torch.autograd.grad(loss, ([part] if need_rows else []) + wanted,
-                                            allow_unused=True) if need_rows or wanted else ()
+                logits = upcast(head(part))  # (n, V)
+                loss, grad_logits = _cross_entropy_and_grad(logits.detach(),
+                                                            targets[start:start + chunk], softcap)
+                found = torch.autograd.grad(logits, ([part] if need_rows else []) + wanted,
+                                            grad_logits, allow_unused=True
+                                            ) if need_rows or wanted else ()
+                del logits, grad_logits  # before the next chunk's logits exist
                 if need_rows:
                     grad_rows[start:start + chunk] = found[0]
                     found = found[1:]
                 for i, g in enumerate(found):
                     if g is not None:
                         sums[i] = g if sums[i] is None else sums[i].add_(g)
-                total += loss.detach()
+                total += loss
         grads = iter(sums)
         ctx.param_grads = [next(grads) if n else None for n in need]
         ctx.save_for_backward(grad_rows)
