@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_RESOLUTION = 1 << 15  # each 16-bit chunk carries 15 random bits
+_RESOLUTION = 1 << 15  # each 16-bit chunk is compared with p at 15-bit resolution
 
 
 def keep_mask(numel: int, p: float) -> torch.Tensor:
@@ -49,8 +49,9 @@ def as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     A bool operand costs torch's CPU kernels a slow cast: ``keep.to(float)`` and
     the cast hidden inside ``x * keep`` run several times slower than the same
-    cast from the mask's bytes read as ``uint8`` (BENCHMARKS.md, "LoRA's step
-    against full"). The values, and so every product, are the same."""
+    cast from the mask's bytes read as ``uint8`` (BENCHMARKS.md, "The dropout
+    mask's passes inside training"). The values, and so every product, are
+    the same."""
     return keep.view(torch.uint8).to(dtype)
 
 
