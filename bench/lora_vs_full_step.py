@@ -10,7 +10,9 @@
 Each run trains ``--steps`` optimizer steps (no epoch ends, so no evaluation
 inside the timed loop) in its own process; seconds per step = train seconds /
 steps. The methods alternate within a pair, the order flipping each pair, and
-the ratio is the median of the pairs' LoRA / full ratios.
+the ratio is the median of the pairs' LoRA / full ratios. Each run also
+reports where its steps' time goes (forward, backward, optimizer step; ms per
+step), to show which phase a ratio is lost in.
 
     .venv/bin/python bench/lora_vs_full_step.py --pairs 3 --steps 40
 """
@@ -39,6 +41,40 @@ SETTINGS = {
 LR = {"recipe": {"lora": 3e-4, "full": 3e-5}}
 
 
+def phase_timer() -> dict:
+    """Time each optimizer step's phases inside ``run_training``: the forward
+    (``Loop.loss_sum``), the backward (the accelerator's ``backward``) and the
+    optimizer's ``step``, summed from the second step on (the first pays
+    one-off costs); ``train_step`` is the whole step. Patches ``Loop`` for the
+    rest of the process (each job runs in its own)."""
+    from loralab.train import loop as loop_mod
+
+    sums = {"train_step": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "steps": 0}
+    step, loss_sum = loop_mod.Loop.train_step, loop_mod.Loop.loss_sum
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if sums["steps"] >= 1:
+                sums[name] += time.perf_counter() - t
+            return out
+        return call
+
+    def train_step(self, micro):
+        if not getattr(self, "_phases_timed", False):
+            self._phases_timed = True
+            self.acc.backward = timed("backward", self.acc.backward)
+            self.optimizer.step = timed("optimizer", self.optimizer.step)
+        out = timed("train_step", step)(self, micro)
+        sums["steps"] += 1
+        return out
+
+    loop_mod.Loop.train_step = train_step
+    loop_mod.Loop.loss_sum = timed("forward", loss_sum)
+    return sums
+
+
 def job(setting: str, method: str, steps: int) -> dict:
     from loralab.config import build_config
     from loralab.train import run_training
@@ -48,15 +84,19 @@ def job(setting: str, method: str, steps: int) -> dict:
                "keep_best": False, "save_checkpoints": False, "output": str(out)}
     if setting in LR:
         options["lr"] = LR[setting][method]
+    phases = phase_timer()
     run_dir = run_training(build_config(None, None, options))
     m = json.loads((run_dir / "metrics.json").read_text())
+    timed = max(phases.pop("steps") - 1, 1)
     return {"setting": setting, "method": method, "steps": m["steps"],
             "train_seconds": m["train_seconds"],
             "seconds_per_step": m["train_seconds"] / m["steps"],
             # the loop's steady rate (steps 2-4, after the first step's one-off costs)
             "steady_seconds_per_step": m.get("seconds_per_step"),
             "micro_batches_per_step": m.get("micro_batches_per_step"),
-            "trainable_params": m.get("trainable_params")}
+            "trainable_params": m.get("trainable_params"),
+            # where a step's time goes, ms per step over steps 2 on
+            "phase_ms_per_step": {k: round(1000 * v / timed, 1) for k, v in phases.items()}}
 
 
 def side(setting: str, method: str, steps: int) -> dict:
@@ -65,6 +105,11 @@ def side(setting: str, method: str, steps: int) -> dict:
                       "--steps", str(steps)]).check().last_json()
     result["load_average"] = [before, load_average()]
     return result
+
+
+def phase_line(result: dict) -> str:
+    ph = result["phase_ms_per_step"]
+    return f"{ph['forward']:.0f}/{ph['backward']:.0f}/{ph['optimizer']:.0f}"
 
 
 def main() -> None:
@@ -97,6 +142,8 @@ def main() -> None:
             print(f"{setting}: lora {pair['lora']['seconds_per_step']:.3f} s/step | full "
                   f"{pair['full']['seconds_per_step']:.3f} s/step | lora/full {ratio:.3f} "
                   f"(steps 2-4 only: {steady:.3f}) "
+                  f"(ms forward/backward/optimizer: lora {phase_line(pair['lora'])}, "
+                  f"full {phase_line(pair['full'])}) "
                   f"(load {pair[order[0]]['load_average']} then "
                   f"{pair[order[1]]['load_average']})", flush=True)
         results["ratio_median"][setting] = statistics.median(ratios)
