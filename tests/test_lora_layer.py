@@ -159,3 +159,78 @@ def test_branch_matches_module_path_and_keeps_less(p):
         torch.testing.assert_close(new, old)
     if p > 0:  # a bool mask, not the float mask and the dropped copy
         assert runs[0][4] < runs[1][4]
+
+
+def _conv1d(n_in: int, n_out: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(n_out, n_in)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    return conv
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("base", ["linear", "linear-nobias", "conv1d"])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_frozen_base_inside_the_branch_matches_module_path(p, base, x_grad):
+    """A frozen plain base's product computed inside LoRABranch (adapter and
+    input gradient accumulated in place) gives the module path's output and
+    gradients under the same mask draws, and keeps no more for the backward
+    than the branch that adds to the base layer's output."""
+    torch.manual_seed(0)
+    module = {"linear": lambda: nn.Linear(16, 12), "linear-nobias": lambda: nn.Linear(16, 12, False),
+              "conv1d": lambda: _conv1d(16, 12)}[base]()
+    layer = LoRALinear(module.double().requires_grad_(False))
+    layer.add_adapter("a", 4, 8, dropout=p)
+    nn.init.normal_(layer.lora_B["a"].weight)
+    layer.double().train()
+    assert layer._frozen_base_t() is not None
+    params = {q.untyped_storage().data_ptr() for q in layer.parameters()}
+
+    def activations(storages):  # bytes of the saved tensors that are not weights
+        unique = {st.data_ptr(): st.nbytes() for st in storages if st.data_ptr() not in params}
+        return sum(unique.values())
+
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=x_grad)
+    runs = []
+    for path in ("inside", "added", "modules"):
+        layer.zero_grad()
+        x.grad = None
+        saved = []
+        torch.manual_seed(1)
+        if path == "added":
+            layer._frozen_base_t = lambda: None
+        if path == "modules":
+            layer._branch = lambda *a: None
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, saved=saved: saved.append(t.untyped_storage()) or t, lambda t: t):
+            y = layer(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), x.grad.clone() if x_grad else torch.zeros(()),
+                     layer.lora_A["a"].weight.grad.clone(),
+                     layer.lora_B["a"].weight.grad.clone(), activations(saved)))
+    for other in runs[1:]:
+        for new, old in zip(runs[0][:4], other[:4]):
+            torch.testing.assert_close(new, old)
+    assert runs[0][4] <= runs[1][4]
+
+
+def test_base_product_stays_with_the_base_when_it_is_not_plain():
+    """Trainable, hooked or wrapped bases keep their own forward (and their
+    gradients): the adapter is then added to what they return."""
+    layer = LoRALinear(nn.Linear(8, 8))
+    layer.add_adapter("a", 2, 4)
+    assert layer._frozen_base_t() is None  # the base weight trains
+    layer.base_layer.requires_grad_(False)
+    assert layer._frozen_base_t() is not None
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    assert layer._frozen_base_t() is None
+    layer(torch.randn(2, 8)).sum().backward()
+    assert calls == [1]
+    handle.remove()
+    layer.base_layer.forward = lambda x: x  # a replaced forward (accelerate's hooks do this)
+    assert layer._frozen_base_t() is None
+    out = layer(torch.randn(2, 8))
+    assert out.shape == (2, 8)

@@ -43,7 +43,7 @@ def merge_weight(weight, A, B, scaling, fan_in_fan_out=False):
 
 
 class LoRABranch(torch.autograd.Function):
-    """``result + s/(1-p) · ((x ⊙ keep) @ Aᵀ) @ Bᵀ``, the training path of a plain adapter.
+    """``base + s/(1-p) · ((x ⊙ keep) @ Aᵀ) @ Bᵀ``, the training path of a plain adapter.
 
     Autograd would keep, per adapted layer, the dropped input and the float mask
     it was multiplied by (8 bytes per input element), and each of query, key and
@@ -55,23 +55,37 @@ class LoRABranch(torch.autograd.Function):
     floats cast from its bytes (:func:`~loralab.lora.dropout.as_float`), never as
     bool. Same expectation as the module path, and on CPU the same mask draws
     as :class:`~loralab.lora.dropout.Dropout`.
+
+    ``base`` is either the base layer's output (N, out), to which the adapter's
+    product is added, or, for a frozen plain linear base, None with its weight
+    as ``base_t`` (in, out) and its ``bias``: then the base product is computed
+    here and the adapter's accumulated into it in place, and the backward
+    accumulates the adapter's input gradient into the base's in place too
+    (``addmm_``, ``addcmul_``): one (N, out) copy in the forward, one (N, in)
+    tensor and sum in the backward and an autograd node fewer per layer
+    (BENCHMARKS.md, "The base product inside the adapter's function").
     """
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float):
-        # result: (N, out), x: (N, in), weight_a: (r, in), weight_b: (out, r)
+    def forward(ctx, base, x, base_t, bias, weight_a, weight_b, scaling: float, p: float):
+        # base: (N, out) or None, x: (N, in), base_t: (in, out) or None,
+        # weight_a: (r, in), weight_b: (out, r)
         keep = keep_mask_like(x, p) if p > 0 else None  # (N, in) bool
         h = torch.mm(x if keep is None else x * as_float(keep, x.dtype), weight_a.t())  # (N, r)
         s = scaling / (1.0 - p)
-        ctx.save_for_backward(x, keep, h, weight_a, weight_b)
+        ctx.save_for_backward(x, keep, h, weight_a, weight_b, base_t)
         ctx.s = s
-        return torch.addmm(result, h, weight_b.t(), alpha=s)  # (N, out)
+        if base is not None:
+            return torch.addmm(base, h, weight_b.t(), alpha=s)  # (N, out)
+        out = torch.mm(x, base_t) if bias is None else torch.addmm(bias, x, base_t)
+        return out.addmm_(h, weight_b.t(), alpha=s)  # (N, out)
 
     @staticmethod
     def backward(ctx, grad):  # grad: (N, out)
-        x, keep, h, weight_a, weight_b = ctx.saved_tensors
+        x, keep, h, weight_a, weight_b, base_t = ctx.saved_tensors
         s = ctx.s
-        need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
+        need_base, need_x = ctx.needs_input_grad[:2]
+        need_a, need_b = ctx.needs_input_grad[4:6]
         g_h = torch.mm(grad, weight_b).mul_(s)  # (N, r)
         grad_x = grad_a = grad_b = None
         mask = None if keep is None or not (need_a or need_x) else as_float(keep, x.dtype)
@@ -79,11 +93,17 @@ class LoRABranch(torch.autograd.Function):
             grad_b = torch.mm(grad.t(), h).mul_(s)  # (out, r)
         if need_a:
             grad_a = torch.mm(g_h.t(), x if mask is None else x * mask)  # (r, in)
-        if need_x:
+        if need_x and base_t is None:  # the base layer's own backward adds its part
             grad_x = torch.mm(g_h, weight_a)  # (N, in)
             if mask is not None:
                 grad_x.mul_(mask)
-        return grad if need_result else None, grad_x, grad_a, grad_b, None, None
+        elif need_x:  # the base's part, then the adapter's added in place
+            grad_x = torch.mm(grad, base_t.t())  # (N, in)
+            if mask is None:
+                grad_x.addmm_(g_h, weight_a)
+            else:
+                grad_x.addcmul_(torch.mm(g_h, weight_a), mask)
+        return (grad if need_base else None, grad_x, None, None, grad_a, grad_b, None, None)
 
 
 class DoRAMagnitude(nn.Module):
@@ -244,12 +264,16 @@ class LoRALinear(nn.Module):
         return ((scale - 1) * base + scale * lora).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        if torch.is_grad_enabled() and not (args or kwargs) and self._plain_active(name):
+            branch = self._branch(name, x, None)  # the base product inside, when it can be
+            if branch is not None:
+                return branch
         result = self.base_layer(x, *args, **kwargs)  # (B, T, out)
         if self.disabled:
             return result
         if self.routing is not None:
             return self._forward_routed(x, result)
-        name = self.active_adapter
         if name is None or name not in self.lora_A or name == self.merged_adapter:
             return result
         if name in self.lora_magnitude_vector:
@@ -268,24 +292,57 @@ class LoRALinear(nn.Module):
             return out.view(result.shape)
         return result + (B(h) * self.scaling[name]).to(result.dtype)
 
-    def _branch(self, name: str, x: torch.Tensor, result: torch.Tensor):
+    def _plain_active(self, name: str | None) -> bool:
+        """The active adapter is a plain LoRA on this layer, applied unmerged."""
+        return (not self.disabled and self.routing is None and name is not None
+                and name in self.lora_A and name != self.merged_adapter
+                and name not in self.lora_magnitude_vector)
+
+    def _frozen_base_t(self) -> torch.Tensor | None:
+        """The base weight as (in, out) when the base layer is a frozen
+        ``nn.Linear`` or GPT-2 ``Conv1D`` whose forward is its class's own (no
+        hooks, no replaced ``forward``), so :class:`LoRABranch` may compute its
+        product itself; else None."""
+        base = self.base_layer
+        linear = type(base) is nn.Linear
+        if not (linear or is_conv1d(base)) or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if "forward" in base.__dict__ or base.weight.requires_grad:
+            return None
+        if base.bias is not None and base.bias.requires_grad:
+            return None
+        return base.weight.t() if linear else base.weight
+
+    def _branch(self, name: str, x: torch.Tensor, result: torch.Tensor | None):
         """The adapter's training forward as :class:`LoRABranch`, in the compute
-        dtype (autocast's, when on); None where the dtypes do not line up."""
+        dtype (autocast's, when on); None where the dtypes do not line up. With
+        ``result`` None the base product is computed inside too, where the base
+        allows it (:meth:`_frozen_base_t`, no autocast); else None."""
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        base_t = bias = None
+        if result is None:
+            base_t = self._frozen_base_t()
+            if base_t is None or torch.is_autocast_enabled(device):
+                return None
+            bias = self.base_layer.bias
+            if not (x.dtype == base_t.dtype == weight_a.dtype
+                    and (bias is None or bias.dtype == x.dtype)):
+                return None
+        elif torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             x, weight_a, weight_b = x.to(dtype), weight_a.to(dtype), weight_b.to(dtype)
             result = result.to(dtype)
-        if not (x.dtype == weight_a.dtype == result.dtype):
+        if result is not None and not (x.dtype == weight_a.dtype == result.dtype):
             return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         if p >= 1:
             return None
-        out = LoRABranch.apply(result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]),
+        flat = None if result is None else result.reshape(-1, result.shape[-1])
+        out = LoRABranch.apply(flat, x.reshape(-1, x.shape[-1]), base_t, bias,
                                weight_a, weight_b, self.scaling[name], p)
-        return out.view(result.shape)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _forward_routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row uses its own adapter (None: the base) in one pass."""
