@@ -37,9 +37,12 @@ from _common import load_average, machine
 def base_inside(on: bool, model) -> None:
     from loralab.lora.layer import LoRALinear
 
-    if not hasattr(LoRALinear, "_ab_inside"):
-        LoRALinear._ab_inside = LoRALinear._frozen_base_t
-    LoRALinear._frozen_base_t = (LoRALinear._ab_inside if on else lambda self: None)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            if on:  # the class's own check again
+                module.__dict__.pop("_frozen_base_t", None)
+            else:
+                module._frozen_base_t = lambda: None
 
 
 def adapter_dropout(on: bool, model) -> None:

@@ -265,19 +265,18 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapter
-        if torch.is_grad_enabled() and not (args or kwargs) and self._plain_active(name):
+        plain = self._plain_active(name)
+        if plain and torch.is_grad_enabled() and not (args or kwargs):
             branch = self._branch(name, x, None)  # the base product inside, when it can be
             if branch is not None:
                 return branch
         result = self.base_layer(x, *args, **kwargs)  # (B, T, out)
-        if self.disabled:
-            return result
-        if self.routing is not None:
+        if self.routing is not None and not self.disabled:
             return self._forward_routed(x, result)
-        if name is None or name not in self.lora_A or name == self.merged_adapter:
-            return result
-        if name in self.lora_magnitude_vector:
-            return result + self._dora(name, x, result)
+        if not plain:  # disabled, no active adapter, merged, or DoRA
+            dora = (not self.disabled and name in self.lora_magnitude_vector
+                    and name != self.merged_adapter)
+            return result + self._dora(name, x, result) if dora else result
         A, B = self.lora_A[name], self.lora_B[name]
         if torch.is_grad_enabled():
             branch = self._branch(name, x, result)
