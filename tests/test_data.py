@@ -139,7 +139,29 @@ def test_batch_plan_is_seeded_grouped_and_complete():
     random_plan = plan_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
     padded_random = sum(max(lengths[i] for i in b) * len(b) for b in random_plan)
     assert padded < 0.75 * padded_random
-    assert [len(s) for s in plan_steps(plan, 4)] == [4] * 6 + [1]
+
+
+def test_steps_are_grouped_by_length_as_wholes():
+    lengths = [((i * 37) % 50) + 1 for i in range(203)]
+    steps = plan_steps(lengths, 8, 4, seed=1, epoch=0)
+    assert steps == plan_steps(lengths, 8, 4, seed=1, epoch=0)
+    assert steps != plan_steps(lengths, 8, 4, seed=1, epoch=1)
+    assert len(steps) == 7 and sorted(i for s in steps for b in s for i in b) == list(range(203))
+    sizes = sorted(([len(b) for b in s] for s in steps), key=len)
+    assert sizes == [[8, 3]] + [[8] * 4] * 6  # the pool's remainder: one shorter step
+    # the rows of a step have similar lengths: padding the step as one pass costs
+    # far less than for steps of length-grouped batches in random order
+    batches = plan_batches(lengths, 8, seed=1, epoch=0)
+    old = [batches[i:i + 4] for i in range(0, len(batches), 4)]
+
+    def padded(plan):
+        return sum(max(lengths[i] for b in s for i in b) * sum(map(len, s)) for s in plan)
+    assert padded(steps) < 0.8 * padded(old)
+    # one batch per step, or no grouping: the plan is plan_batches'
+    assert plan_steps(lengths, 8, 1, 1, 0) == [[b] for b in batches]
+    flat = plan_batches(lengths, 32, 1, 0, group_by_length=False)
+    assert plan_steps(lengths, 8, 4, 1, 0, False) == [
+        [g[i:i + 8] for i in range(0, len(g), 8)] for g in flat]
 
 
 def test_shard_splits_a_global_batch_evenly():

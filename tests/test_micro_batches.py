@@ -14,7 +14,7 @@ from tiny_models import VOCAB, tiny_bert, tiny_llama
 from train_support import class_rows, save_tiny, write_csv
 
 from loralab.config import build_config
-from loralab.data.batching import pack_by_tokens, padded_width, plan_batches, plan_steps
+from loralab.data.batching import pack_by_tokens, padded_width, plan_steps
 from loralab.data.encode import IGNORE, Encoded
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.train.loop import Loop
@@ -80,8 +80,9 @@ def step_gradients(task: str, budget: int) -> tuple[float, dict]:
         grads.update({n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None})
     loop.optimizer.step = snapshot
-    steps = plan_steps(plan_batches(enc.lengths, 3, 0, 0), 4)
-    loss, _ = loop.train_step(steps[0])
+    steps = plan_steps(enc.lengths, 3, 4, 0, 0)
+    shortest = min(steps, key=lambda s: max(enc.lengths[i] for b in s for i in b))
+    loss, _ = loop.train_step(shortest)
     return loss, grads, loop.state.micro_batches
 
 

@@ -17,8 +17,11 @@ MEGABATCH = 50
 
 
 def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                 group_by_length: bool = True, shuffle: bool = True) -> list[list[int]]:
-    """Index lists, one per (global) batch."""
+                 group_by_length: bool = True, shuffle: bool = True,
+                 pool: int | None = None) -> list[list[int]]:
+    """Index lists, one per (global) batch. Grouped by length, each shuffled
+    ``pool`` of rows (default ``MEGABATCH`` batches) is sorted and cut into
+    batches."""
     n = len(lengths)
     if not shuffle:
         order = sorted(range(n), key=lambda i: -lengths[i]) if group_by_length else list(range(n))
@@ -27,7 +30,7 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
     order = torch.randperm(n, generator=gen).tolist()
     if not group_by_length:
         return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    pool = batch_size * MEGABATCH
+    pool = pool or batch_size * MEGABATCH
     batches = []
     for start in range(0, n, pool):
         chunk = sorted(order[start:start + pool], key=lambda i: -lengths[i])
@@ -44,9 +47,24 @@ def shard(batch: list[int], rank: int, world: int) -> list[int]:
     return batch[start:start + size + (1 if rank < extra else 0)]
 
 
-def plan_steps(batches: list[list[int]], grad_accum: int) -> list[list[list[int]]]:
-    """Group micro-batches into optimizer steps (the last step may be shorter)."""
-    return [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+def plan_steps(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
+               group_by_length: bool = True) -> list[list[list[int]]]:
+    """An epoch's optimizer steps, each ``grad_accum`` (global) batches of
+    ``batch_size`` rows; one step (the pool's remainder) may be shorter.
+
+    Grouping by length works on whole steps: a pool of ~``MEGABATCH`` batches
+    (whole steps' worth) is sorted by length and cut into steps, then each
+    step into its batches, and the steps are shuffled so the loss curve does
+    not follow length. So the rows of one step have similar lengths (as in HF's
+    LengthGroupedSampler, whose consecutive batches come from one sorted pool),
+    and the token budget packs them into fewer, less padded passes than rows
+    from batches of any length would make (BENCHMARKS.md, "Length grouping by
+    optimizer step"). With ``grad_accum`` 1 this is ``plan_batches``' plan.
+    """
+    rows = batch_size * grad_accum
+    pool = rows * max(1, round(MEGABATCH * batch_size / rows))
+    groups = plan_batches(lengths, rows, seed, epoch, group_by_length, pool=pool)
+    return [[g[i:i + batch_size] for i in range(0, len(g), batch_size)] for g in groups]
 
 
 def _pad(rows: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:

@@ -23,7 +23,6 @@ from loralab.data.batching import (
     count_targets,
     pack_by_tokens,
     padded_width,
-    plan_batches,
     plan_steps,
     shard,
 )
@@ -202,10 +201,8 @@ class Loop:
         return self.state
 
     def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
-        global_batch = self.cfg.batch_size * self.world
-        batches = plan_batches(self.train_set.lengths, global_batch, self.cfg.seed, epoch,
-                               self.cfg.group_by_length)
-        return plan_steps(batches, self.cfg.grad_accum)
+        return plan_steps(self.train_set.lengths, self.cfg.batch_size * self.world,
+                          self.cfg.grad_accum, self.cfg.seed, epoch, self.cfg.group_by_length)
 
     def _train(self, reporter: Reporter) -> None:
         s, cfg = self.state, self.cfg
