@@ -142,13 +142,13 @@ def test_batch_plan_is_seeded_grouped_and_complete():
 
 
 def test_steps_are_grouped_by_length_as_wholes():
-    lengths = [((i * 37) % 50) + 1 for i in range(203)]
+    lengths = [((i * 37) % 50) + 1 for i in range(2003)]
     steps = plan_steps(lengths, 8, 4, seed=1, epoch=0)
     assert steps == plan_steps(lengths, 8, 4, seed=1, epoch=0)
     assert steps != plan_steps(lengths, 8, 4, seed=1, epoch=1)
-    assert len(steps) == 7 and sorted(i for s in steps for b in s for i in b) == list(range(203))
+    assert len(steps) == 63 and sorted(i for s in steps for b in s for i in b) == list(range(2003))
     sizes = sorted(([len(b) for b in s] for s in steps), key=len)
-    assert sizes == [[8, 3]] + [[8] * 4] * 6  # the pool's remainder: one shorter step
+    assert sizes == [[8, 8, 3]] + [[8] * 4] * 62  # the last pool's remainder: one shorter step
     # the rows of a step have similar lengths: padding the step as one pass costs
     # far less than for steps of length-grouped batches in random order
     batches = plan_batches(lengths, 8, seed=1, epoch=0)

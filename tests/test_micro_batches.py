@@ -14,7 +14,7 @@ from tiny_models import VOCAB, tiny_bert, tiny_llama
 from train_support import class_rows, save_tiny, write_csv
 
 from loralab.config import build_config
-from loralab.data.batching import pack_by_tokens, padded_width, plan_steps
+from loralab.data.batching import pack_by_tokens, padded_width
 from loralab.data.encode import IGNORE, Encoded
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.train.loop import Loop
@@ -80,9 +80,8 @@ def step_gradients(task: str, budget: int) -> tuple[float, dict]:
         grads.update({n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None})
     loop.optimizer.step = snapshot
-    steps = plan_steps(enc.lengths, 3, 4, 0, 0)
-    shortest = min(steps, key=lambda s: max(enc.lengths[i] for b in s for i in b))
-    loss, _ = loop.train_step(shortest)
+    short = sorted(range(len(enc)), key=lambda i: enc.lengths[i])[:12]  # a step of short rows
+    loss, _ = loop.train_step([short[i:i + 3] for i in range(0, 12, 3)])
     return loss, grads, loop.state.micro_batches
 
 
@@ -138,3 +137,47 @@ def test_expected_time_is_printed_early_and_close_to_the_measured(tmp_path, caps
     assert "expected training time:" in err and "for 24 steps" in err
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.5 <= m["expected_train_seconds"] / m["train_seconds"] <= 2.0
+
+
+def test_forecast_weighs_the_rest_of_the_run_by_its_planned_work(monkeypatch):
+    """Steps grouped by length differ in cost. With a clock that charges each
+    step its padded tokens plus a fixed cost per pass (and a one-off on the
+    first), the forecast from the first steps hits the whole run's time, where
+    seconds-per-step x steps would miss it."""
+    import types
+
+    from loralab.data.batching import PASS_COST_TOKENS
+    from loralab.train import loop as loop_mod
+
+    rng = random.Random(3)  # short and long rows: steps of very different cost
+    enc = Encoded([[5] * rng.choice([3, 4, 18, 20]) for _ in range(60)], [0, 1, 2] * 20)
+    cfg = build_config(options={"batch_size": 2, "grad_accum": 2, "max_length": 20,
+                                "epochs": 2, "max_grad_norm": 0, "quiet": True,
+                                "task": "classify", "data": "tickets"})
+    loop = Loop(tiny_bert(), cfg, enc, None, 0, Accelerator(cpu=True), None, ["a", "b", "c"])
+    clock = [0.0]
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_step, costs = loop.train_step, []
+
+    def charged_step(micro):
+        rows = [i for idx in micro for i in idx]
+        passes = pack_by_tokens(rows, enc.lengths, cfg.micro_batch_tokens, max_passes=len(micro))
+        costs.append(sum(PASS_COST_TOKENS + len(p) * max(enc.lengths[i] for i in p)
+                         for p in passes))
+        clock[0] += 1e-3 * costs[-1] + (0.5 if len(costs) == 1 else 0.0)
+        return real_step(micro)
+    loop.train_step = charged_step
+    loop.fit()
+    s = loop.state
+    assert s.step == loop.total_steps == len(costs) == 30
+    assert max(costs) > 1.5 * min(costs)  # the steps really differ
+    assert sum(costs[15:]) != sum(costs[:15])  # each epoch draws its own steps
+    rate = 1e-3
+    assert s.one_off_seconds == pytest.approx(0.5, rel=1e-9)
+    assert s.seconds_per_step == pytest.approx(rate * sum(costs[:15]) / 15, rel=1e-9)
+    # the current epoch as planned, the next at its mean
+    planned = 0.5 + rate * (sum(costs[:15]) + sum(costs[:15]) / 15 * 15)
+    assert s.expected_train_seconds == pytest.approx(planned, rel=1e-9)
+    assert s.expected_train_seconds == pytest.approx(clock[0], rel=0.05)
+    timed = rate * sum(costs[1:4]) / 3  # what the timed steps alone would give per step
+    assert abs(0.5 + timed * 30 - clock[0]) > 0.05 * clock[0]

@@ -16,11 +16,17 @@ from loralab.data.encode import IGNORE, Encoded
 MEGABATCH = 50
 
 
+def pool_batches(n: int, batch_size: int) -> int:
+    """Batches per length-sorted pool: MEGABATCH, or a quarter of a small data
+    set's batches (HF's rule), so each epoch still draws fresh groups."""
+    return max(1, min(n // (batch_size * 4), MEGABATCH))
+
+
 def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
                  group_by_length: bool = True, shuffle: bool = True,
                  pool: int | None = None) -> list[list[int]]:
     """Index lists, one per (global) batch. Grouped by length, each shuffled
-    ``pool`` of rows (default ``MEGABATCH`` batches) is sorted and cut into
+    ``pool`` of rows (default ``pool_batches`` batches) is sorted and cut into
     batches."""
     n = len(lengths)
     if not shuffle:
@@ -30,7 +36,7 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
     order = torch.randperm(n, generator=gen).tolist()
     if not group_by_length:
         return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    pool = pool or batch_size * MEGABATCH
+    pool = pool or batch_size * pool_batches(n, batch_size)
     batches = []
     for start in range(0, n, pool):
         chunk = sorted(order[start:start + pool], key=lambda i: -lengths[i])
@@ -52,8 +58,8 @@ def plan_steps(lengths: list[int], batch_size: int, grad_accum: int, seed: int, 
     """An epoch's optimizer steps, each ``grad_accum`` (global) batches of
     ``batch_size`` rows; one step (the pool's remainder) may be shorter.
 
-    Grouping by length works on whole steps: a pool of ~``MEGABATCH`` batches
-    (whole steps' worth) is sorted by length and cut into steps, then each
+    Grouping by length works on whole steps: a pool of ~``pool_batches``
+    batches (whole steps' worth) is sorted by length and cut into steps, then each
     step into its batches, and the steps are shuffled so the loss curve does
     not follow length. So the rows of one step have similar lengths (as in HF's
     LengthGroupedSampler, whose consecutive batches come from one sorted pool),
@@ -62,7 +68,7 @@ def plan_steps(lengths: list[int], batch_size: int, grad_accum: int, seed: int, 
     optimizer step"). With ``grad_accum`` 1 this is ``plan_batches``' plan.
     """
     rows = batch_size * grad_accum
-    pool = rows * max(1, round(MEGABATCH * batch_size / rows))
+    pool = rows * max(1, round(pool_batches(len(lengths), batch_size) * batch_size / rows))
     groups = plan_batches(lengths, rows, seed, epoch, group_by_length, pool=pool)
     return [[g[i:i + batch_size] for i in range(0, len(g), batch_size)] for g in groups]
 

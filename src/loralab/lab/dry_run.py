@@ -90,11 +90,11 @@ def time_steps(plan, name: str, workdir: Path) -> dict:
     if not outcome.ok:
         return {"error": outcome.error}
     m = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    rate, expected = m.get("seconds_per_step"), m.get("expected_train_seconds")
-    if rate is None or expected is None:
+    rate, one_off = m.get("seconds_per_step"), m.get("one_off_seconds")
+    if rate is None or one_off is None:
         return {"error": "the probe ended before its rate was timed"}
     steps = m.get("steps") or probe_steps()
-    return {"rate": rate, "one_off": max(0.0, expected - rate * steps),
+    return {"rate": rate, "one_off": one_off,
             "steps_per_epoch": steps / m["epochs"] if m.get("epochs") else None}
 
 

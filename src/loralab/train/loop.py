@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from loralab.data.batching import (
+    PASS_COST_TOKENS,
     collate,
     count_targets,
     pack_by_tokens,
@@ -58,6 +59,7 @@ class LoopState:
     micro_batches: int = 0  # forward/backward passes run (this rank)
     expected_train_seconds: float | None = None  # forecast from the first timed steps
     seconds_per_step: float | None = None  # the rate that forecast used
+    one_off_seconds: float | None = None  # the first steps' time beyond that rate
     padded_tokens: int = 0  # tokens in the padded micro-batches, all ranks
 
 
@@ -86,6 +88,7 @@ class Loop:
         self.sparse_embeddings = [_DenseGrad(p) for p in _sparse_embeddings(
             self.acc.unwrap_model(self.model), self.world, accelerator.device.type)]
         self.state = LoopState(world=self.world)
+        self._work_done = 0  # this process's work so far (``_work``), for the forecast
         self.multiple = device_multiple(accelerator.device.type)
         check_budget(cfg.micro_batch_tokens, train.lengths, self.multiple)
         self.evaluator = Evaluator(self.model, accelerator, pad_id, cfg.eval_batch_size,
@@ -120,6 +123,7 @@ class Loop:
         loss_total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         tokens = 0
         parts = self._micro_batches(micro)
+        self._work_done += self._work(parts)
         padded = 0
         for j, (local, weight) in enumerate(parts):
             # weight 0: a rank left without a row still joins the gradient all-reduce
@@ -175,6 +179,13 @@ class Loop:
             count = max(count, *(len(packed(r)) for r in range(self.world)))
         return plan + [(micro[0][:1], 0.0)] * (count - len(plan))
 
+    def _work(self, parts: list[tuple[list[int], float]]) -> int:
+        """What this rank's passes of a step cost, in tokens: padded tokens plus
+        PASS_COST_TOKENS per pass (the cost ``pack_by_tokens`` minimises)."""
+        lengths = self.train_set.lengths
+        return sum(PASS_COST_TOKENS + len(rows) * padded_width(
+            max(lengths[i] for i in rows), self.multiple) for rows, _ in parts if rows)
+
     def _reduce_ints(self, *values: int) -> tuple[int, ...]:
         if self.world == 1:
             return values
@@ -210,7 +221,7 @@ class Loop:
         window = self.window = _Window(*s.window)
         self.model.train()
         while s.step < self.total_steps:
-            steps = self._epoch_plan(s.epoch)
+            steps = self._epoch_steps = self._epoch_plan(s.epoch)
             for i in range(s.step_in_epoch, len(steps)):
                 loss, tokens = self.train_step(steps[i])
                 self._check_finite(loss, s.step + 1)
@@ -240,23 +251,39 @@ class Loop:
 
     def _forecast(self, reporter: Reporter) -> None:
         """Once, after the first few steps: the expected training time, printed
-        before the user commits to the whole run, and kept for metrics.json."""
+        before the user commits to the whole run, and kept for metrics.json.
+
+        Steps grouped by length differ in cost (a step of long rows pads more
+        tokens and takes more passes), so the timed steps give seconds per unit
+        of work (``_work``), and the rest of the run is its planned work: the
+        current epoch's remaining steps as planned, later steps at this epoch's
+        mean. ``seconds_per_step`` is the rate for that mean step, and
+        ``one_off_seconds`` what the steps before the timed ones took beyond
+        their work at that rate (so a run of N steps takes about one-off +
+        N x seconds_per_step)."""
         s, first = self.state, getattr(self, "_first_step", None)
         if s.expected_train_seconds is not None or s.step >= self.total_steps:
             return
         if first is None:
-            self._first_step = (s.step, s.train_seconds)
+            self._first_step = (s.step, s.train_seconds, self._work_done)
             return
         done = s.step - first[0]
         if done < self.FORECAST_STEPS - 1:
             return
-        rate = (s.train_seconds - first[1]) / done  # seconds per step
-        s.seconds_per_step = rate
-        s.expected_train_seconds = s.train_seconds + rate * (self.total_steps - s.step)
+        rate = (s.train_seconds - first[1]) / max(self._work_done - first[2], 1)
+        work = [self._work(self._micro_batches(step)) for step in self._epoch_steps]
+        mean = sum(work) / max(len(work), 1)
+        ahead = work[s.step_in_epoch:] if s.step_in_epoch else []
+        ahead = ahead[:self.total_steps - s.step]
+        later = self.total_steps - s.step - len(ahead)
+        s.seconds_per_step = rate * mean
+        s.one_off_seconds = max(0.0, first[1] - rate * first[2])
+        s.expected_train_seconds = s.train_seconds + rate * (sum(ahead) + mean * later)
         if self.is_main and not self.cfg.quiet:
             reporter.note(f"expected training time: {_duration(s.expected_train_seconds)} for "
-                          f"{self.total_steps} steps ({rate:.2f} s/step over steps "
-                          f"{first[0] + 1}-{s.step}; evaluation and saving come on top)")
+                          f"{self.total_steps} steps ({s.seconds_per_step:.2f} s/step, timed "
+                          f"over steps {first[0] + 1}-{s.step}; evaluation and saving come "
+                          "on top)")
 
     def _log_record(self, window: _Window, t0: float) -> dict:
         s = self.state

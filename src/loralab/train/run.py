@@ -349,6 +349,7 @@ def build_metrics(loop: Loop, cfg: TrainConfig, model, results: dict, artifact_b
         "micro_batches_per_step": s.micro_batches / max(s.step, 1),
         "expected_train_seconds": s.expected_train_seconds,
         "seconds_per_step": s.seconds_per_step,
+        "one_off_seconds": s.one_off_seconds,
         "steps": s.step, "epochs": s.step / loop.steps_per_epoch,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "world_size": loop.world, "lr": cfg.lr, "seed": cfg.seed,
