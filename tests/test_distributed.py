@@ -226,8 +226,9 @@ def test_two_processes_equal_one_with_twice_the_batch(models, data, tmp_path, ca
 # ---- failures -----------------------------------------------------------------------
 
 def test_a_failing_rank_stops_all_and_the_run_resumes(models, data, tmp_path):
+    lr = 1e-2
     args = ["train", "--model", models["bert"], "--data", data["classify"], "--method", "lora",
-            "--lr", 1e-2, "--max-steps", 4, "--eval-every", 2, "log_every=1", "--quiet"]
+            "--lr", lr, "--max-steps", 4, "--eval-every", 2, "log_every=1", "--quiet"]
     run = tmp_path / "run"
     proc = launch(args + ["--output", run, "--batch-size", 4],
                   script=worker(tmp_path, "fail.py", FAILING_WORKER))
@@ -246,9 +247,16 @@ def test_a_failing_rank_stops_all_and_the_run_resumes(models, data, tmp_path):
     resumed = launch(["train", "--resume", run, "--quiet"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert cli(*args, "--output", tmp_path / "one", "--batch-size", 8) == 0
+    a, b = losses(run), losses(tmp_path / "one")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (step, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= 1e-4 * abs(y), (step, x, y)
+    # Adam divides each gradient by its own size, so where one is near zero the
+    # ranks' different summation order moves a weight by a visible part of a
+    # step (up to lr); a wrong resume moves many weights by whole steps.
     wa, wb = weights(run), weights(tmp_path / "one")
     for key in wb:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-2 * lr, msg=key)
     assert metrics(run)["steps"] == 4
 
 
